@@ -1,0 +1,869 @@
+"""Packed, resumable, DP-elastic loader over WebDataset token shards.
+
+The global pack sequence is a pure function of (dataset, seed, seq_len, layout,
+tokenizer, pack_window) — see :mod:`data_pipeline.packing`. The trainer consumes
+``global_batch_size`` packs per optimizer step; for the step starting at global
+pack cursor ``c``, DP rank ``r`` takes packs ``c + r * per_rank + j``. The state
+is a position in that sequence, so it survives DP-size changes: the epoch goes on
+with no sample lost or repeated.
+
+Planning reads only the sidecar indexes (text, n_frames, byte ranges); tars are
+opened only to materialise this rank's packs, one byte range per sample (ranges
+adjacent in the tar are coalesced into one read).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import fs, shards
+from .layouts import Encoded, Layout, LayoutError
+from .packing import GlobalOrder, Pack, PackPlanner, PackStream, Position, WindowPlan
+from .tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "DataConfigError", "PackRow", "PackedLoader", "build_attention_mask", "build_pack_row"]
+
+STATE_VERSION = 1
+_MAX_COALESCED_READ = 64 << 20
+_READ_RETRIES = 3
+_INDEX_THREADS = 16
+_STARVED_WARN_S = 60.0
+
+
+class DataConfigError(ValueError):
+    """The loader's inputs are unusable (missing dataset, missing/stale index, mismatched
+    layout/tokenizer, incompatible resume state). The message names the URL or setting."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch of packed rows (all CPU tensors).
+
+    Attributes:
+        tokens: int64 [B, S].
+        labels: int64 [B, S]; labels[:, i] = tokens[:, i + 1] within a document, pad_id elsewhere.
+        loss_mask: float32 [B, S]; 1 where labels[:, i] is a training target.
+        position_ids: int64 [B, S]; restart at 0 for every document (0 on padding).
+        document_ids: int32 [B, S]; 0, 1, ... per row, -1 on padding.
+        segment: int8 [B, S]; layout segment (index into layouts.SEGMENTS) of the label token, -1 where
+            there is no label (document ends, padding).
+        attention_mask: bool [B, 1, S, S]; True = masked (see build_attention_mask).
+        sample_keys: per row, "shard_basename:key" of each document in row order.
+        n_tokens: real (non-pad) tokens in the micro-batch.
+        n_targets: tokens with loss_mask 1.
+        pack_ids: global pack index (cursor position) of each row.
+        epochs: epoch of each row's pack.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    segment: torch.Tensor
+    attention_mask: torch.Tensor
+    sample_keys: list[list[str]]
+    n_tokens: int
+    n_targets: int
+    pack_ids: list[int]
+    epochs: list[int]
+
+    _TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "segment", "attention_mask")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor moved to ``device``."""
+        moved = {n: getattr(self, n).to(device, non_blocking=non_blocking) for n in self._TENSORS}
+        return Batch(**moved, sample_keys=self.sample_keys, n_tokens=self.n_tokens, n_targets=self.n_targets,
+                     pack_ids=self.pack_ids, epochs=self.epochs)
+
+
+def build_attention_mask(document_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Block-diagonal causal mask from per-token document ids [B, S] (-1 = padding).
+
+    Returns bool [B, 1, S, S] where True means MASKED: token i may attend to token j
+    iff both belong to the same document and j <= i. A padding token attends to
+    itself only, so no softmax row is entirely masked.
+    """
+    # numpy, not torch: torch's intra-op thread pool stalls badly when the host is
+    # oversubscribed (trainer + loader threads), and this runs on loader threads.
+    doc = document_ids.cpu().numpy() if isinstance(document_ids, torch.Tensor) else np.asarray(document_ids)
+    if doc.ndim != 2:
+        raise ValueError(f"document_ids must be [B, S], got shape {tuple(doc.shape)}")
+    b, s = doc.shape
+    out = np.empty((b, 1, s, s), dtype=bool)
+    out[:] = _upper_triangle(s)
+    for r in range(b):
+        row, m = doc[r], out[r, 0]
+        valid = row >= 0
+        starts = np.flatnonzero(valid & np.concatenate([[True], row[1:] != row[:-1]]))
+        if len(starts) == len(np.unique(row[valid])):
+            # each document is one contiguous run (always so for packed rows): mask what lies before it
+            ends = np.append(starts[1:], s)
+            for a, e in zip(starts.tolist(), ends.tolist()):
+                if a:
+                    m[a:e, :a] = True
+        else:
+            pos = np.arange(s)
+            m[:] = ~((row[:, None] == row[None, :]) & (pos[None, :] <= pos[:, None]))
+        pad = np.flatnonzero(~valid)
+        if len(pad):
+            m[pad, :] = True
+            m[pad, pad] = False
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _upper_triangle(s: int) -> np.ndarray:
+    t = ~np.tri(s, dtype=bool)
+    t.flags.writeable = False
+    return t
+
+
+@dataclass
+class PackRow:
+    """One packed row as numpy arrays (the per-row slice of a Batch, same dtypes)."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    position_ids: np.ndarray
+    document_ids: np.ndarray
+    segment: np.ndarray
+    n_tokens: int
+
+
+def build_pack_row(docs: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> PackRow:
+    """Lay documents out left to right in one row of ``seq_len`` and derive the
+    next-token targets (never across a document boundary)."""
+    tokens = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, pad_id, dtype=np.int64)
+    loss_mask = np.zeros(seq_len, dtype=np.float32)
+    position_ids = np.zeros(seq_len, dtype=np.int64)
+    document_ids = np.full(seq_len, -1, dtype=np.int32)
+    segment = np.full(seq_len, -1, dtype=np.int8)
+    p = 0
+    for d, enc in enumerate(docs):
+        n = len(enc)
+        if p + n > seq_len:
+            raise ValueError(f"documents total more than seq_len={seq_len} tokens")
+        tokens[p : p + n] = enc.ids
+        labels[p : p + n - 1] = enc.ids[1:]
+        loss_mask[p : p + n - 1] = enc.target_mask[1:]
+        segment[p : p + n - 1] = enc.segment[1:]
+        position_ids[p : p + n] = np.arange(n)
+        document_ids[p : p + n] = d
+        p += n
+    return PackRow(tokens, labels, loss_mask, position_ids, document_ids, segment, p)
+
+
+def _collate(rows: Sequence[PackRow], keys: list[list[str]], pack_ids: list[int], epochs: list[int]) -> Batch:
+    def stack(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([getattr(r, name) for r in rows]))
+
+    document_ids = stack("document_ids")
+    loss_mask = stack("loss_mask")
+    n_targets = int(np.count_nonzero(loss_mask.numpy()))
+    return Batch(
+        tokens=stack("tokens"),
+        labels=stack("labels"),
+        loss_mask=loss_mask,
+        position_ids=stack("position_ids"),
+        document_ids=document_ids,
+        segment=stack("segment"),
+        attention_mask=build_attention_mask(document_ids),
+        sample_keys=keys,
+        n_tokens=sum(r.n_tokens for r in rows),
+        n_targets=n_targets,
+        pack_ids=pack_ids,
+        epochs=epochs,
+    )
+
+
+@dataclass
+class _Counters:
+    skipped_too_long: int = 0
+    skipped_bad_sample: int = 0
+    skipped_bad_shard: int = 0
+
+    def add(self, other: "_Counters") -> None:
+        self.skipped_too_long += other.skipped_too_long
+        self.skipped_bad_sample += other.skipped_bad_sample
+        self.skipped_bad_shard += other.skipped_bad_shard
+
+
+@dataclass
+class _Step:
+    """One produced optimizer step for this rank, plus what consuming it changes."""
+
+    batches: list[Batch]
+    end: Position
+    end_cursor: int
+    global_docs: int
+    global_tokens: int
+    rank_tokens: int
+    rank_packs: int
+    counters: _Counters
+    bad_shards: list[str]
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
+
+
+@dataclass
+class _Gen:
+    """Generation state owned by whichever thread produces steps."""
+
+    stream: PackStream
+    cursor: int
+    pending: _Counters = field(default_factory=_Counters)
+
+
+class PackedLoader:
+    """Packed sequences for one DP rank; see the module docstring for the contract.
+
+    Args:
+        paths: dataset directories or index.json URLs (local or s3://).
+        layout: token layout (single-stream).
+        tokenizer: text tokenizer.
+        seq_len: packed row length.
+        micro_batch_size: rows per Batch.
+        global_batch_size: packs per optimizer step over all DP ranks.
+        dp_rank, dp_size: this rank's data-parallel coordinates.
+        seed: order seed.
+        pack_window: samples per packing window.
+        num_workers: reader threads per rank.
+        prefetch: steps produced ahead by a background thread (0 = synchronous).
+        pad_id: token id used for padding (never a target).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str] | str,
+        *,
+        layout: Layout,
+        tokenizer: TextTokenizer,
+        seq_len: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 1234,
+        pack_window: int = 1024,
+        num_workers: int = 2,
+        prefetch: int = 2,
+        pad_id: int = 0,
+    ) -> None:
+        if isinstance(paths, str):
+            paths = [paths]
+        if not paths:
+            raise DataConfigError("PackedLoader needs at least one dataset path")
+        for name, v in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
+                        ("global_batch_size", global_batch_size), ("pack_window", pack_window),
+                        ("num_workers", num_workers)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if getattr(layout, "n_streams", 1) != 1:
+            raise DataConfigError(
+                f"layout {layout.name!r} has n_streams={layout.n_streams}; PackedLoader emits [B, S] token rows "
+                "and supports single-stream layouts only"
+            )
+        if tokenizer.vocab_size > layout.vocab.text_vocab_size:
+            raise DataConfigError(
+                f"tokenizer {tokenizer.name!r} has vocab_size {tokenizer.vocab_size} but the layout's text vocab "
+                f"is {layout.vocab.text_vocab_size}: text ids would fall into the special/speech id ranges"
+            )
+        self.paths = list(paths)
+        self.layout = layout
+        self.tokenizer = tokenizer
+        self.seq_len = int(seq_len)
+        self.micro_batch_size = int(micro_batch_size)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.pack_window = int(pack_window)
+        self.num_workers = int(num_workers)
+        self.prefetch = int(prefetch)
+        self.pad_id = int(pad_id)
+        self._check_dp(dp_rank, dp_size)
+        self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
+
+        self._shard_urls, self._indexes = self._load_indexes(self.paths)
+        self._shard_names = [fs.basename(u) for u in self._shard_urls]
+        self._dataset_fingerprint = self._fingerprint()
+        sizes = [len(ix.samples) for ix in self._indexes]
+        if sum(sizes) == 0:
+            raise DataConfigError(f"dataset(s) {', '.join(self.paths)} contain no samples")
+        self._lengths = [np.zeros(n, dtype=np.int32) for n in sizes]  # 0 = not computed yet
+        self._planner = PackPlanner(GlobalOrder(sizes, self.seed), self._length_fn, self.seq_len, self.pack_window)
+
+        # Consumed state: only next_step() advances it.
+        self._position = Position()
+        self._cursor = 0
+        self._consumed_docs = 0
+        self._consumed_tokens = 0
+
+        self._counters = _Counters()
+        self._bad_shards: set[str] = set()
+        self._last_eff = 0.0
+        self._last_rank_eff = 0.0
+        self._rank_tokens = 0
+        self._rank_packs = 0
+
+        self._log_lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
+        self._warned_shards: set[str] = set()
+        self._plan_logged = False
+
+        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="loader-worker") if self.num_workers > 1 else None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._sync_gen: _Gen | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        logger.info(
+            "PackedLoader: %d shards, %d samples from %s; seq_len=%d gbs=%d mbs=%d dp=%d/%d",
+            len(self._shard_urls), sum(sizes), ", ".join(self.paths), self.seq_len, self.global_batch_size,
+            self.micro_batch_size, self.dp_rank, self.dp_size,
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_dp(self, dp_rank: int, dp_size: int) -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"invalid dp_rank={dp_rank} for dp_size={dp_size}")
+        if self.global_batch_size % (self.micro_batch_size * dp_size) != 0:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size * dp_size = "
+                f"{self.micro_batch_size} * {dp_size}; choose a global_batch_size that is a multiple of "
+                f"{self.micro_batch_size * dp_size} (or change micro_batch_size / the data-parallel size)"
+            )
+
+    def _load_indexes(self, paths: list[str]) -> tuple[list[str], list[shards.ShardIndex]]:
+        urls: list[str] = []
+        summaries: list[shards.ShardSummary] = []
+        for path in paths:
+            if not fs.exists(path):
+                raise DataConfigError(f"dataset path {path} does not exist")
+            try:
+                ds = shards.DatasetIndex.load(path)
+            except Exception as e:
+                raise DataConfigError(f"cannot load dataset index of {path}: {e}") from e
+            self._check_codec(path, ds.codec)
+            urls.extend(ds.shard_urls())
+            summaries.extend(ds.shards)
+        if not urls:
+            raise DataConfigError(f"dataset(s) {', '.join(paths)} contain no shards")
+
+        def load(url: str) -> shards.ShardIndex:
+            try:
+                return shards.load_shard_index(url)
+            except Exception as e:
+                raise DataConfigError(f"cannot load the sidecar index of shard {url}: {e}") from e
+
+        if len(urls) > 1:  # sidecar reads are latency-bound on object stores and network file systems
+            with ThreadPoolExecutor(min(_INDEX_THREADS, len(urls)), thread_name_prefix="loader-index") as ex:
+                indexes = list(ex.map(load, urls))
+        else:
+            indexes = [load(u) for u in urls]
+        for url, ix, summary in zip(urls, indexes, summaries):
+            if ix.shard != fs.basename(url):
+                raise DataConfigError(f"sidecar index of {url} describes shard {ix.shard!r}: stale or misplaced index")
+            if len(ix.samples) != summary.n_samples or ix.sha256 != summary.sha256:
+                raise DataConfigError(
+                    f"sidecar index of {url} ({len(ix.samples)} samples, sha256 {ix.sha256[:12]}) disagrees with the "
+                    f"dataset index ({summary.n_samples} samples, sha256 {summary.sha256[:12]}): stale index; "
+                    "rebuild the dataset index"
+                )
+        return urls, indexes
+
+    def _check_codec(self, path: str, codec: dict) -> None:
+        n_q = codec.get("n_q")
+        if n_q is not None:
+            try:
+                self.layout.length(0, 1, int(n_q))
+            except LayoutError as e:
+                raise DataConfigError(f"dataset {path} (codec n_q={n_q}) does not fit layout {self.layout.name!r}: {e}") from e
+        cb = codec.get("codebook_size")
+        if cb is not None and int(cb) > self.layout.vocab.codebook_size:
+            logger.warning(
+                "dataset %s has codec codebook_size %s > layout codebook_size %d: samples with larger codes "
+                "will be skipped (check the codec / vocab configuration)", path, cb, self.layout.vocab.codebook_size,
+            )
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, ix in zip(self._shard_names, self._indexes):
+            h.update(f"{name}\0{len(ix.samples)}\0{ix.sha256}\n".encode())
+        return h.hexdigest()[:16]
+
+    def _key(self, shard: int, index: int) -> str:
+        return f"{self._shard_names[shard]}:{self._indexes[shard].samples[index].key}"
+
+    # --------------------------------------------------------------- planning
+
+    def _length_fn(self, shard_ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Token length of each sample (-1: cannot be laid out); tokenises each text once."""
+        pairs = list(zip(shard_ids.tolist(), indices.tolist()))
+        missing = [(s, k) for s, k in pairs if self._lengths[s][k] == 0]
+        if missing:
+            texts = [self._indexes[s].samples[k].text for s, k in missing]
+            batch = getattr(self.tokenizer, "encode_batch", None)
+            ids = batch(texts) if batch is not None else [self.tokenizer.encode(t) for t in texts]
+            for (s, k), text_ids in zip(missing, ids):
+                entry = self._indexes[s].samples[k]
+                try:
+                    n = self.layout.length(len(text_ids), entry.n_frames, entry.n_q)
+                except LayoutError as e:
+                    self._warn_sample(s, k, f"cannot be laid out ({e}); skipped")
+                    n = -1
+                self._lengths[s][k] = n
+        return np.fromiter((self._lengths[s][k] for s, k in pairs), dtype=np.int64, count=len(pairs))
+
+    def _on_window(self, gen: _Gen, plan: WindowPlan) -> None:
+        for t in plan.too_long:
+            gen.pending.skipped_too_long += 1
+            self._warn_sample(
+                t.shard, t.index,
+                f"is {t.length} tokens > seq_len={self.seq_len}; skipped (raise data.seq_len or split the utterance)",
+            )
+        n_invalid = plan.n_samples - sum(p.n_docs for p in plan.packs) - len(plan.too_long)
+        gen.pending.skipped_bad_sample += n_invalid
+        if not self._plan_logged:
+            self._plan_logged = True
+            logger.info(
+                "packing plan: epoch %d window %d: %d samples -> %d packs of %d tokens, efficiency %.4f",
+                plan.epoch, plan.window, plan.n_samples, len(plan.packs), self.seq_len, plan.efficiency(self.seq_len),
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "planned epoch %d window %d: %d samples -> %d packs, efficiency %.4f",
+                plan.epoch, plan.window, plan.n_samples, len(plan.packs), plan.efficiency(self.seq_len),
+            )
+
+    def _warn_sample(self, shard: int, index: int, what: str) -> None:
+        key = (self._shard_names[shard], self._indexes[shard].samples[index].key)
+        with self._log_lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning("sample %s of shard %s %s", key[1], self._shard_urls[shard], what)
+
+    def _new_gen(self) -> _Gen:
+        gen = _Gen(stream=PackStream(self._planner, self._position), cursor=self._cursor)
+        gen.stream.on_window = functools.partial(self._on_window, gen)
+        return gen
+
+    # ---------------------------------------------------------- materialising
+
+    def _read_docs(self, packs: list[Pack]) -> tuple[dict[tuple[int, int], Encoded | None], _Counters, set[str]]:
+        """Read, parse and encode every document of ``packs``; damaged ones map to None."""
+        counters = _Counters()
+        bad_shards: set[str] = set()
+        wanted: dict[int, set[int]] = {}
+        for p in packs:
+            for s, k in zip(p.shards, p.indices):
+                wanted.setdefault(s, set()).add(k)
+        out: dict[tuple[int, int], Encoded | None] = {}
+        for s in sorted(wanted):
+            entries = self._indexes[s].samples
+            runs = self._coalesce(sorted(wanted[s], key=lambda k: entries[k].offset), entries)
+            spans = [(entries[r[0]].offset, entries[r[-1]].offset + entries[r[-1]].length) for r in runs]
+            try:
+                blobs = self._fetch(self._shard_urls[s], spans)
+            except (fs.FsError, shards.ShardError) as e:
+                n = sum(len(r) for r in runs)
+                out.update({(s, k): None for r in runs for k in r})
+                counters.skipped_bad_shard += n
+                bad_shards.add(self._shard_names[s])
+                self._warn_shard(s, e)
+                continue
+            for run, (start, _), blob in zip(runs, spans, blobs):
+                for k in run:
+                    lo = entries[k].offset - start
+                    out[(s, k)] = self._decode(s, k, blob[lo : lo + entries[k].length], counters)
+        return out, counters, bad_shards
+
+    @staticmethod
+    def _coalesce(order: list[int], entries: list[shards.SampleEntry]) -> list[list[int]]:
+        """Group samples (sorted by offset) whose byte ranges touch into runs read with one request."""
+        runs: list[list[int]] = []
+        for k in order:
+            e = entries[k]
+            if runs:
+                last, first = entries[runs[-1][-1]], entries[runs[-1][0]]
+                if last.offset + last.length == e.offset and e.offset + e.length - first.offset <= _MAX_COALESCED_READ:
+                    runs[-1].append(k)
+                    continue
+            runs.append([k])
+        return runs
+
+    @staticmethod
+    def _fetch(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each [start, end) span of ``url``. FsError if the file is gone.
+
+        Local files are opened once per call; remote spans are fetched concurrently
+        (fsspec cat_ranges), because one request per utterance at object-store
+        latency would otherwise bound the loader at a few dozen samples/s.
+        """
+        if not fs.is_remote(url):
+            with fs.open_file(url) as f:
+                out = []
+                for start, end in spans:
+                    f.seek(start)
+                    out.append(f.read(end - start))
+                return out
+        fsys, path = fs.get_fs(url)
+        if len(spans) > 1 and hasattr(fsys, "cat_ranges"):
+            results = fsys.cat_ranges([path] * len(spans), [a for a, _ in spans], [b for _, b in spans],
+                                      on_error="return")
+        else:
+            results = [None] * len(spans)
+        out = []
+        for (start, end), res in zip(spans, results):
+            if isinstance(res, FileNotFoundError):
+                raise fs.FsError(url, "no such file") from res
+            if not isinstance(res, bytes):
+                res = PackedLoader._read_range(url, start, end)  # retried, or the single-span case
+            out.append(res)
+        return out
+
+    @staticmethod
+    def _read_range(url: str, start: int, end: int) -> bytes:
+        for attempt in range(_READ_RETRIES):
+            try:
+                return fs.read_range(url, start, end)
+            except fs.FsError:
+                raise
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    # object stores answer a range past the end with InvalidRange (EINVAL): a shard that
+                    # is shorter than its index is damaged data, reported by parse_sample as truncated
+                    size = fs.size(url)
+                    if size < end:
+                        return fs.read_range(url, start, size) if start < size else b""
+                # transient I/O (network, object store throttling): retry, then fail loudly rather than
+                # silently dropping data, which would make the stream depend on luck
+                if attempt + 1 == _READ_RETRIES:
+                    raise
+                logger.warning("read of %s [%d, %d) failed (%s); retrying", url, start, end, e)
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _decode(self, s: int, k: int, data: bytes, counters: _Counters) -> Encoded | None:
+        entry = self._indexes[s].samples[k]
+        url = self._shard_urls[s]
+        try:
+            sample = shards.parse_sample(data, entry, url)
+            enc = self.layout.encode(self.tokenizer.encode(entry.text), sample.codes)
+        except (shards.SampleError, shards.ShardError, LayoutError) as e:
+            counters.skipped_bad_sample += 1
+            self._warn_sample(s, k, f"is damaged ({e}); skipped")
+            return None
+        planned = int(self._lengths[s][k])
+        if len(enc) != planned:
+            counters.skipped_bad_sample += 1
+            self._warn_sample(s, k, f"encodes to {len(enc)} tokens but its index entry says {planned}; skipped (stale index)")
+            return None
+        return enc
+
+    def _warn_shard(self, s: int, e: BaseException) -> None:
+        name = self._shard_names[s]
+        with self._log_lock:
+            if name in self._warned_shards:
+                return
+            self._warned_shards.add(name)
+        logger.error("shard %s is unreadable (%s); its samples are skipped", self._shard_urls[s], e)
+
+    def _materialise(self, packs: list[Pack]) -> tuple[list[tuple[PackRow, list[str]]], _Counters, set[str]]:
+        docs, counters, bad = self._read_docs(packs)
+        rows = []
+        for p in packs:
+            encs: list[Encoded] = []
+            keys: list[str] = []
+            for s, k in zip(p.shards, p.indices):
+                enc = docs[(s, k)]
+                if enc is not None:
+                    encs.append(enc)
+                    keys.append(self._key(s, k))
+            rows.append((build_pack_row(encs, self.seq_len, self.pad_id), keys))
+        return rows, counters, bad
+
+    def _build_step(self, gen: _Gen) -> _Step:
+        per_rank = self.global_batch_size // self.dp_size
+        lo, hi = self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
+        mine: list[Pack] = []
+        epochs: list[int] = []
+        global_docs = global_tokens = 0
+        for i in range(self.global_batch_size):
+            epoch = gen.stream.position.epoch
+            pack, _ = gen.stream.next_pack()
+            global_docs += pack.n_docs
+            global_tokens += pack.n_tokens
+            if lo <= i < hi:
+                mine.append(pack)
+                epochs.append(epoch)
+        # pack j -> worker j % num_workers: each worker reads a disjoint subset
+        nw = self.num_workers
+        if self._pool is None:
+            parts = [self._materialise(mine)]
+            rows = parts[0][0]
+        else:
+            futures = [self._pool.submit(self._materialise, mine[w::nw]) for w in range(nw)]
+            parts = [f.result() for f in futures]
+            rows = [None] * len(mine)
+            for w, part in enumerate(parts):
+                rows[w::nw] = part[0]
+        counters = gen.pending
+        gen.pending = _Counters()
+        bad: set[str] = set()
+        for part in parts:
+            counters.add(part[1])
+            bad |= part[2]
+        first = gen.cursor + lo
+        batches = []
+        for m in range(0, per_rank, self.micro_batch_size):
+            chunk = rows[m : m + self.micro_batch_size]
+            batches.append(
+                _collate(
+                    [r for r, _ in chunk], [k for _, k in chunk],
+                    list(range(first + m, first + m + len(chunk))), epochs[m : m + len(chunk)],
+                )
+            )
+        gen.cursor += self.global_batch_size
+        return _Step(
+            batches=batches, end=gen.stream.position, end_cursor=gen.cursor, global_docs=global_docs,
+            global_tokens=global_tokens, rank_tokens=sum(r.n_tokens for r, _ in rows), rank_packs=len(rows),
+            counters=counters, bad_shards=sorted(bad),
+        )
+
+    # ---------------------------------------------------------------- prefetch
+
+    def _produce(self, gen: _Gen, q: queue.Queue, stop: threading.Event) -> None:
+        item: _Step | _Failure
+        try:
+            while not stop.is_set():
+                item = self._build_step(gen)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            failure = _Failure(e)
+            while not stop.is_set():
+                try:
+                    q.put(failure, timeout=0.05)
+                    return
+                except queue.Full:
+                    continue
+
+    def _start(self) -> None:
+        if self.prefetch == 0:
+            if self._sync_gen is None:
+                self._sync_gen = self._new_gen()
+            return
+        if self._thread is not None:
+            return
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(self._new_gen(), self._queue, self._stop),
+            name=f"loader-prefetch-r{self.dp_rank}", daemon=True,
+        )
+        self._thread.start()
+
+    def _reset(self) -> None:
+        """Drop every produced-but-unconsumed step; production restarts from the consumed position."""
+        if self._thread is not None:
+            assert self._stop is not None and self._queue is not None
+            self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+        self._thread = self._queue = self._stop = None
+        self._sync_gen = None
+        self._failure = None
+
+    # -------------------------------------------------------------------- API
+
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step."""
+        if self._closed:
+            raise RuntimeError("PackedLoader is closed")
+        if self._failure is not None:
+            raise self._failure
+        self._start()
+        if self.prefetch == 0:
+            assert self._sync_gen is not None
+            try:
+                step = self._build_step(self._sync_gen)
+            except BaseException as e:
+                self._failure = e  # the generator may be half-way through a step: never continue from it
+                raise
+        else:
+            assert self._queue is not None and self._thread is not None
+            waited, warn_at = 0.0, _STARVED_WARN_S
+            while True:
+                try:
+                    item = self._queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError("loader prefetch thread exited without a result") from None
+                    waited += 1.0
+                    if waited >= warn_at:
+                        # a hung read (object store, network file system) shows up here, not as a silent stall
+                        logger.warning("data loader rank %d/%d: waited %.0f s for the step at pack %d (epoch %d); "
+                                       "the prefetch thread is still working", self.dp_rank, self.dp_size, waited,
+                                       self._cursor, self._position.epoch)
+                        warn_at *= 2
+            if isinstance(item, _Failure):
+                self._failure = item.exc
+                raise item.exc
+            step = item
+        self._apply(step)
+        return step.batches
+
+    def _apply(self, step: _Step) -> None:
+        new_epoch = step.end.epoch != self._position.epoch
+        self._position = step.end
+        self._cursor = step.end_cursor
+        self._consumed_docs += step.global_docs
+        self._consumed_tokens += step.global_tokens
+        self._counters.add(step.counters)
+        self._bad_shards.update(step.bad_shards)
+        self._last_eff = step.global_tokens / (self.global_batch_size * self.seq_len)
+        self._last_rank_eff = step.rank_tokens / (step.rank_packs * self.seq_len) if step.rank_packs else 0.0
+        self._rank_tokens += step.rank_tokens
+        self._rank_packs += step.rank_packs
+        if new_epoch:
+            s = self.stats
+            logger.info(
+                "data epoch %d complete; now in epoch %d (consumed %d packs, %d docs; packing efficiency %.4f, "
+                "skipped: %d too long, %d damaged samples, %d in unreadable shards)",
+                step.end.epoch - 1, step.end.epoch, s["consumed_packs"], s["consumed_docs"],
+                s["pack_efficiency_cumulative"], s["skipped_too_long"], s["skipped_bad_sample"], s["skipped_bad_shard"],
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position of the consumed steps (prefetched steps are not included)."""
+        # prefetched steps are not consumed: never count them in state
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "pack_window": self.pack_window,
+            "layout": self.layout.name,
+            "tokenizer": self.tokenizer.fingerprint,
+            "dataset": self._dataset_fingerprint,
+            "position": {"epoch": self._position.epoch, "window": self._position.window,
+                         "offset": self._position.offset},
+            "consumed_packs": self._cursor,
+            "consumed_docs": self._consumed_docs,
+            "consumed_tokens": self._consumed_tokens,
+            "global_batch_size": self.global_batch_size,
+            "dp_size": self.dp_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (possibly saved with a different dp_rank/dp_size)."""
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(f"loader state version {state.get('version')!r} != supported {STATE_VERSION}")
+        mine = self.state_dict()
+        for name, what in (("seed", "seed"), ("seq_len", "seq_len"), ("pack_window", "pack_window"),
+                           ("layout", "layout name"), ("tokenizer", "tokenizer fingerprint"),
+                           ("dataset", "dataset fingerprint (shard list / sizes / checksums)")):
+            if state.get(name) != mine[name]:
+                raise DataConfigError(
+                    f"cannot resume data loader: {what} differs (checkpoint {state.get(name)!r}, "
+                    f"current {mine[name]!r}); the packed sample order would not match the checkpoint. "
+                    "Restore the original setting or start the data stream afresh (no load_state_dict)"
+                )
+        if state["global_batch_size"] != self.global_batch_size:
+            logger.warning(
+                "resuming with global_batch_size %d (checkpoint %d): the pack sequence continues exactly, "
+                "step boundaries move", self.global_batch_size, state["global_batch_size"],
+            )
+        self._reset()
+        pos = state["position"]
+        self._position = Position(int(pos["epoch"]), int(pos["window"]), int(pos["offset"]))
+        self._cursor = int(state["consumed_packs"])
+        self._consumed_docs = int(state["consumed_docs"])
+        self._consumed_tokens = int(state["consumed_tokens"])
+        logger.info("data loader resumed at epoch %d window %d pack %d (consumed packs %d, dp %d/%d)",
+                    self._position.epoch, self._position.window, self._position.offset, self._cursor,
+                    self.dp_rank, self.dp_size)
+
+    def set_dp(self, dp_rank: int, dp_size: int) -> None:
+        """Change this loader's DP coordinates (elastic resize); global_batch_size is kept."""
+        self._check_dp(dp_rank, dp_size)
+        self._reset()
+        self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of the consumed steps. pack_efficiency* are over the global packs (planned tokens);
+        rank_pack_efficiency* over this rank's rows after damaged samples were dropped."""
+        return {
+            "pack_efficiency": self._last_eff,
+            "pack_efficiency_cumulative": (self._consumed_tokens / (self._cursor * self.seq_len)) if self._cursor else 0.0,
+            "rank_pack_efficiency": self._last_rank_eff,
+            "rank_pack_efficiency_cumulative": (self._rank_tokens / (self._rank_packs * self.seq_len))
+            if self._rank_packs else 0.0,
+            "skipped_too_long": self._counters.skipped_too_long,
+            "skipped_bad_sample": self._counters.skipped_bad_sample,
+            "skipped_bad_shard": self._counters.skipped_bad_shard,
+            "bad_shards": sorted(self._bad_shards),
+            "epoch": self._position.epoch,
+            "consumed_packs": self._cursor,
+            "consumed_docs": self._consumed_docs,
+            "consumed_tokens": self._consumed_tokens,
+        }
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per epoch (before any skipping)."""
+        return self._planner.order.epoch_size
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the worker pool; idempotent."""
+        if self._closed:
+            return
+        self._reset()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._closed = True
+
+    def __enter__(self) -> "PackedLoader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,272 @@
+"""Run real megatron-core (TP, SP, PP, DP, distributed optimizer, dist_checkpointing) on CPU with gloo.
+
+megatron-core hard-codes CUDA in a handful of places (file:line for 0.19.2 in
+../shared/notes/megatron-core-cpu.md). This module redirects exactly those, and nothing
+else, so the same training code runs on a laptop, in CI and on a GPU cluster:
+
+- a stand-in for the one triton MoE kernel module that ``import megatron.core`` reaches;
+- ``torch.cuda.current_device/synchronize/current_stream/Stream/Event`` as CPU no-ops;
+- a ``TorchFunctionMode`` that maps ``device="cuda"``, ``.cuda()``, ``.to("cuda")`` and
+  ``pin_memory`` to CPU, and reports CPU float tensors as ``torch.cuda.*Tensor`` to the
+  ``tensor.type()`` checks in clip_grads / distrib_optimizer;
+- an RNG tracker that forks the CPU generator instead of the CUDA one.
+
+It depends on megatron-core internals: ``apply()`` refuses any version other than the pinned
+one, and tests/unit/test_cpu_compat.py exercises every redirection. It is a no-op when CUDA
+is available. Because TorchFunctionMode is thread-local, ``apply()`` must also run in every
+thread or spawned process that calls into megatron-core (``enter_device_mode()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import sys
+import types
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+PINNED_MEGATRON_CORE = "0.19.2"
+
+log = logging.getLogger(__name__)
+_applied = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Install the CPU layer if CUDA is absent. Idempotent; returns True when it is active."""
+    global _applied
+    if cuda_available():
+        return False
+    if _applied:
+        enter_device_mode()
+        return True
+    _check_version()
+    _stub_triton_kernels()
+    _patch_cuda_runtime()
+    enter_device_mode()
+    _patch_rng_tracker()
+    _applied = True
+    log.debug("megatron-core CPU compatibility layer active")
+    return True
+
+
+def is_active() -> bool:
+    return _applied
+
+
+def _check_version() -> None:
+    try:
+        version = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError("megatron-core is not installed: run `make install`") from e
+    if version != PINNED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"megatron_tts.cpu_compat patches megatron-core {PINNED_MEGATRON_CORE} internals but "
+            f"megatron-core {version} is installed; install the pinned version "
+            f"(`make install`) or run on a CUDA machine where the layer is not needed"
+        )
+
+
+def _stub_triton_kernels() -> None:
+    """`import megatron.core` reaches an MoE triton kernel module; dense models never call it."""
+    try:
+        import triton  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules:
+        return
+    mod = types.ModuleType(name)
+
+    def _unavailable(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("MoE paged-stash kernels need triton, which is not installed")
+
+    mod.GLOBAL_BLOCK_SIZE = 1024
+    mod.paged_stash_copy_kernel = _unavailable
+    mod.paged_stash_pop_kernel = _unavailable
+    mod.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules[name] = mod
+
+
+class _NoOpStream:
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+    def wait_event(self, *_a: Any) -> None:
+        pass
+
+    def wait_stream(self, *_a: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event or _NoOpEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> "_NoOpStream":
+        return self
+
+    def __exit__(self, *_a: Any) -> None:
+        pass
+
+
+class _NoOpEvent:
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+    def record(self, *_a: Any) -> None:
+        pass
+
+    def wait(self, *_a: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _patch_cuda_runtime() -> None:
+    c = torch.cuda
+    # A device string, not an index: megatron passes it as `device=` in autograd backward
+    # functions too, where our (thread-local) TorchFunctionMode is not in effect.
+    c.current_device = lambda: "cpu"
+    c.device_count = lambda: 0
+    c.synchronize = lambda *_a, **_k: None
+    c.current_stream = lambda *_a, **_k: _NoOpStream()
+    c.default_stream = lambda *_a, **_k: _NoOpStream()
+    c.Stream = _NoOpStream
+    c.Event = _NoOpEvent
+    c.stream = lambda *_a, **_k: contextlib.nullcontext()
+    c.set_device = lambda *_a, **_k: None
+    c.is_current_stream_capturing = lambda: False
+    c.memory_allocated = lambda *_a, **_k: 0
+    c.max_memory_allocated = lambda *_a, **_k: 0
+    c.memory_reserved = lambda *_a, **_k: 0
+    c.empty_cache = lambda: None
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # megatron passes torch.cuda.current_device() (an int) as a device
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class CpuDeviceMode(TorchFunctionMode):
+    """Maps every request for a CUDA device to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if "pin_memory" in kwargs:
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return func(*args, **kwargs)
+
+
+_mode_entered = __import__("threading").local()
+
+
+def enter_device_mode() -> None:
+    """Push the device mode on this thread (TorchFunctionMode stacks are thread-local)."""
+    if getattr(_mode_entered, "mode", None) is None:
+        mode = CpuDeviceMode()
+        mode.__enter__()
+        _mode_entered.mode = mode
+
+
+class CpuRNGStatesTracker:
+    """Megatron's model-parallel RNG tracker, forking the CPU generator instead of CUDA's.
+
+    Dropout and activation recompute need real per-TP-rank forks, so this keeps named states
+    exactly like megatron's CudaRNGStatesTracker does.
+    """
+
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def initialize_rng_tracker(*_a: Any, force_reset: bool = False, **_k: Any) -> None:
+        if force_reset or not mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+            mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    initialize_rng_tracker(force_reset=True)
+    # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, a silent no-op without CUDA.

@@ -1,0 +1,76 @@
+"""AdamW through megatron-core's optimizer, and the warmup + cosine / WSD schedule."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_tts.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def have_apex() -> bool:
+    """NVIDIA apex is detected by import only (PyPI's `apex` is an unrelated project)."""
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_optimizer(cfg: Config, model_chunks: list[torch.nn.Module]):
+    """megatron-core picks fused Adam from TE or apex when present, torch AdamW otherwise."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(cfg.optim.optimizer, model_chunks)
+
+
+def build_scheduler(cfg: Config, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, s = cfg.optim.optimizer, cfg.optim.schedule
+    decay_steps = s.decay_steps or cfg.train.steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr if o.min_lr is not None else 0.0,
+        lr_warmup_steps=s.warmup_steps,
+        lr_decay_steps=max(decay_steps, s.warmup_steps + 1),
+        lr_decay_style=s.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(cfg.train.steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=s.wsd_decay_steps,
+        lr_wsd_decay_style=s.wsd_decay_style if s.decay_style == "WSD" else None,
+    )
+
+
+def fix_distributed_optimizer_step_state(optimizer) -> None:
+    """Give every parameter its own Adam `step` tensor after a distributed-optimizer load.
+
+    megatron-core 0.19.2 (distrib_optimizer.py:1028-1032) loads one shared `step` tensor for
+    all params; torch AdamW then increments it once per param per step, silently skewing bias
+    correction after a resume (notes/megatron-core-cpu.md). Our resume test catches a relapse.
+    """
+    for opt in _inner_torch_optimizers(optimizer):
+        seen: dict[int, torch.Tensor] = {}
+        for state in opt.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen[id(state["step"])] = state["step"]
+
+
+def _inner_torch_optimizers(optimizer):
+    chained = getattr(optimizer, "chained_optimizers", None)
+    for o in chained if chained is not None else [optimizer]:
+        inner = getattr(o, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            yield inner

@@ -1,0 +1,324 @@
+"""The pretraining loop: setup, then one optimizer step per iteration.
+
+Pieces plug in by name: `build_run` assembles the model, optimizer, scheduler, loader,
+checkpointer and metrics; `train_step` is one optimizer step through megatron-core's
+forward_backward_func; `run` is the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tts import cpu_compat
+from megatron_tts.checkpoint import Checkpointer
+from megatron_tts.config import Config, dump_yaml, resolve_dtype, to_dict, vocab_layout
+from megatron_tts.model import build_model_chunks, count_parameters, have_transformer_engine
+from megatron_tts.optim import build_optimizer, build_scheduler
+from megatron_tts.parallel import Layout, destroy_distributed, init_distributed
+from monitoring.metrics import MetricsLogger, WandbSink
+
+log = logging.getLogger("megatron_tts")
+
+# Segments whose loss counts as "speech" in the metrics (indices into layouts.SEGMENTS).
+_SPEECH_SEGMENTS = ("speech", "speech_end")
+
+
+@dataclass
+class TrainState:
+    """Progress counters; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0  # packed sequences (global batch x steps), megatron's convention
+    consumed_tokens: int = 0  # real (non-padding) tokens
+    consumed_docs: int = 0  # utterances
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    layout: Layout
+    model: list
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    checkpointer: Checkpointer
+    metrics: Optional[MetricsLogger]
+    state: TrainState = field(default_factory=TrainState)
+    num_params: int = 0
+
+
+# ------------------------------------------------------------------------------------------
+# setup
+# ------------------------------------------------------------------------------------------
+
+
+def wrap_ddp(cfg: Config, chunks: list) -> list:
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+
+    tcfg = cfg.model.transformer
+    ddp_cfg = cfg.parallel.ddp
+    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c,
+                                     disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    # megatron's schedules find these hooks on the TransformerConfig (its documented contract).
+    tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if ddp_cfg.overlap_grad_reduce:
+        tcfg.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
+    if ddp_cfg.overlap_param_gather and ddp_cfg.align_param_gather:
+        tcfg.param_sync_func = [m.start_param_sync for m in model] if len(model) > 1 else model[0].start_param_sync
+    return model
+
+
+def build_loader(cfg: Config, layout: Layout):
+    from data_pipeline.layouts import build_layout
+    from data_pipeline.loader import PackedLoader
+    from data_pipeline.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
+                          expected_vocab_size=cfg.model.vocab.text_vocab_size)
+    lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments)
+    return PackedLoader(cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
+                        micro_batch_size=cfg.train.micro_batch_size,
+                        global_batch_size=cfg.train.global_batch_size,
+                        dp_rank=layout.dp_rank, dp_size=layout.dp, seed=cfg.train.seed,
+                        pack_window=cfg.data.pack_window, num_workers=cfg.data.num_workers,
+                        prefetch=cfg.data.prefetch)
+
+
+def build_run(cfg: Config) -> Run:
+    layout = init_distributed(cfg)
+    _setup_logging(layout)
+    if have_transformer_engine() and cfg.model.layer_spec != "local" and cfg.train.micro_batch_size != 1:
+        raise RuntimeError("with transformer-engine, packed documents are separated through THD "
+                           "packed_seq_params, which need train.micro_batch_size=1 (raise "
+                           "train.global_batch_size instead), or set model.layer_spec=local")
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(cfg.train.seed)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    # Built before the model: a bad dataset path or tokenizer fails in seconds, not after init.
+    loader = build_loader(cfg, layout)
+    chunks = build_model_chunks(cfg)
+    num_params = _global_param_count(chunks, layout)
+    model = wrap_ddp(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    state = TrainState()
+    checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
+                                components={"train": state, "scheduler": scheduler, "loader": loader},
+                                distributed_optimizer=cfg.optim.distributed, keep_last=cfg.checkpoint.keep_last)
+    metrics = None
+    if layout.rank == 0:
+        os.makedirs(cfg.train.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(cfg))
+    if layout.is_logging_rank:
+        sinks = [WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg))] if cfg.logging.wandb else []
+        metrics = MetricsLogger(cfg.train.run_dir, console=cfg.logging.console, extra_sinks=sinks)
+    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, state, num_params)
+
+
+def _global_param_count(chunks: list, layout: Layout) -> int:
+    from megatron.core import parallel_state as ps
+
+    n = torch.tensor([count_parameters(chunks)], dtype=torch.float64)
+    if dist.is_initialized():
+        # TP shards and PP stages hold disjoint parameters (tied embeddings counted per stage).
+        dist.all_reduce(n, group=ps.get_model_parallel_group())
+    return int(n.item())
+
+
+def _setup_logging(layout: Layout) -> None:
+    level = logging.INFO if layout.rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{layout.rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("megatron.core", "megatron"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if layout.rank == 0 else logging.ERROR)
+
+
+def maybe_resume(run: Run) -> Optional[int]:
+    cfg = run.cfg
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        latest = run.checkpointer.latest()
+        if latest is None:
+            return None
+        path = latest[1]
+    else:
+        path = cfg.train.resume
+    loaded = run.checkpointer.load(path)
+    log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+    if run.metrics:
+        run.metrics.event({"event": "resume", "step": loaded.step, "path": loaded.path})
+    return loaded.step
+
+
+# ------------------------------------------------------------------------------------------
+# one step
+# ------------------------------------------------------------------------------------------
+
+
+def _packed_seq_params(batch) -> Any:
+    """THD boundaries for transformer-engine attention (documents never attend to each other)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    doc = batch.document_ids[0]
+    change = torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1
+    cu = torch.cat([torch.tensor([0]), change, torch.tensor([doc.numel()])]).to(torch.int32).to(doc.device)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def _loss_func(batch, speech_segments: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    mask = batch.loss_mask.float()
+    is_speech = torch.isin(batch.segment.long(), speech_segments).float() * mask
+    is_text = mask - is_speech
+    loss_sum = (losses * mask).sum()
+    report = torch.stack([loss_sum.detach(), mask.sum(), (losses * is_speech).sum().detach(), is_speech.sum(),
+                          (losses * is_text).sum().detach(), is_text.sum()])
+    return loss_sum, mask.sum().to(torch.int), {"lm": report}
+
+
+def make_forward_step(use_thd: bool, device: torch.device):
+    from data_pipeline.layouts import SEGMENTS
+
+    speech = torch.tensor([SEGMENTS.index(s) for s in _SPEECH_SEGMENTS], device=device)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator).to(device, non_blocking=True)
+        if use_thd:
+            out = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
+                        packed_seq_params=_packed_seq_params(batch))
+        else:
+            out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        return out, partial(_loss_func, batch, speech)
+
+    return forward_step
+
+
+def train_step(run: Run, batches: list, forward_step) -> dict:
+    """One optimizer step over this rank's micro-batches. Returns the reduced step statistics."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg = run.cfg
+    for m in run.model:
+        m.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    n_chunks = len(run.model)
+    iters = [iter(batches) for _ in range(n_chunks)]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters if n_chunks > 1 else iters[0],
+        model=run.model if n_chunks > 1 else run.model[0],
+        num_microbatches=len(batches),
+        seq_length=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = run.optimizer.step()
+    if ok:
+        run.scheduler.step(increment=1)
+    stats = torch.zeros(8, dtype=torch.float64)
+    for entry in losses or []:
+        stats[:6] += entry["lm"].double().cpu()
+    stats[6] = sum(b.n_tokens for b in batches)
+    stats[7] = sum(len(row) for b in batches for row in b.sample_keys)
+    if dist.is_initialized():
+        # CPU-GPU sync point (one per step, with the grad norm): global loss and token counts.
+        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+    return {"ok": bool(ok), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss_sum": stats[0].item(), "n_loss": stats[1].item(), "speech_sum": stats[2].item(),
+            "n_speech": stats[3].item(), "text_sum": stats[4].item(), "n_text": stats[5].item(),
+            "tokens": int(stats[6].item()), "docs": int(stats[7].item())}
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: Config) -> int:
+    run = build_run(cfg)
+    try:
+        return _loop(run)
+    finally:
+        run.loader.close()
+        if run.metrics:
+            run.metrics.close()
+        destroy_distributed()
+
+
+def _loop(run: Run) -> int:
+    cfg, st, lay = run.cfg, run.state, run.layout
+    resumed = maybe_resume(run)
+    if lay.rank == 0:
+        log.info("model: %.2fM params | layout tp=%d pp=%d dp=%d | %s | micro-batches/step=%d | %s",
+                 run.num_params / 1e6, lay.tp, lay.pp, lay.dp, resolve_dtype(cfg),
+                 cfg.num_microbatches(lay.dp), "CPU (gloo)" if cpu_compat.is_active() else "CUDA")
+    use_thd = have_transformer_engine() and cfg.model.layer_spec != "local"
+    forward_step = make_forward_step(use_thd, lay.device)
+    stop_at = cfg.train.steps if cfg.train.stop_after is None else min(cfg.train.steps, st.step + cfg.train.stop_after)
+    tokens_per_step_capacity = cfg.train.global_batch_size * cfg.data.seq_len
+    while st.step < stop_at:
+        t0 = time.perf_counter()
+        batches = run.loader.next_step()
+        t_data = time.perf_counter() - t0
+        out = train_step(run, batches, forward_step)
+        step_time = time.perf_counter() - t0
+        st.step += 1
+        st.consumed_samples += cfg.train.global_batch_size
+        st.consumed_tokens += out["tokens"]
+        st.consumed_docs += out["docs"]
+        if run.metrics and (st.step % cfg.logging.interval == 0 or st.step == stop_at or st.step == 1):
+            run.metrics.log(_record(run, out, step_time, t_data, tokens_per_step_capacity))
+        if st.step % cfg.checkpoint.interval == 0 or st.step == stop_at:
+            path = run.checkpointer.save(st.step)
+            if run.metrics:
+                run.metrics.event({"event": "checkpoint", "step": st.step, "path": path,
+                                   "blocking_s": round(run.checkpointer.last_save_blocking_s, 4)})
+    if lay.rank == 0:
+        log.info("stopped at step %d (resumed from %s); run dir %s", st.step, resumed, cfg.train.run_dir)
+    return 0
+
+
+def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int) -> dict:
+    st = run.state
+    r = {
+        "step": st.step,
+        "consumed_samples": st.consumed_samples,
+        "consumed_tokens": st.consumed_tokens,
+        "consumed_docs": st.consumed_docs,
+        "loss": out["loss_sum"] / max(out["n_loss"], 1),
+        "loss_speech": out["speech_sum"] / out["n_speech"] if out["n_speech"] else None,
+        "loss_text": out["text_sum"] / out["n_text"] if out["n_text"] else None,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "grad_norm": out["grad_norm"],
+        "tokens_per_s": out["tokens"] / step_time,
+        "step_time_s": step_time,
+        "data_wait_s": t_data,
+        "pack_efficiency": out["tokens"] / capacity,
+        "skipped_step": not out["ok"],
+    }
+    loader_stats = run.loader.stats
+    for k in ("skipped_too_long", "skipped_bad_sample", "skipped_bad_shard", "epoch"):
+        if k in loader_stats:
+            r[k] = loader_stats[k]
+    return r

@@ -1,0 +1,41 @@
+"""Every parallel layout reproduces the single-process loss curve (same data, same init)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import SMALL, pretrain
+
+STEPS = 6
+BASE = SMALL + [f"train.steps={STEPS}", "checkpoint.interval=1000"]
+
+LAYOUTS = {
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pp=2"]),  # 8 micro-batches through 1F1B
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "dp2": (2, []),
+    "dp2_distopt": (2, ["optim.distributed=true"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    r = pretrain(str(tmp_path_factory.mktemp("ref")), BASE, nproc=1)
+    assert r.returncode == 0, r.output[-3000:]
+    losses = r.losses()
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1], "the reference run does not learn"
+    return losses
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, tmp_path):
+    nproc, overrides = LAYOUTS[name]
+    r = pretrain(str(tmp_path), BASE + overrides, nproc=nproc)
+    assert r.returncode == 0, r.output[-3000:]
+    losses = r.losses()
+    assert sorted(losses) == sorted(reference)
+    diffs = {s: abs(losses[s] - reference[s]) for s in reference}
+    assert max(diffs.values()) <= 1e-5, f"{name}: per-step |loss - reference| = {diffs}"

@@ -1,14 +1,29 @@
 """The one training entry point, on CPU or GPU.
 
     torchrun --nproc-per-node N -m launch.pretrain --config configs/<recipe>.yaml [dotted.key=value ...]
+
+Exit codes follow megatron_tts.exit_codes: 0 done, 3 fatal (bad config or data: do not
+requeue), 1 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_tts.exit_codes import EXIT_FATAL
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the inputs are wrong: reported in one line, never as a traceback."""
+    from data_pipeline.layouts import LayoutError
+    from data_pipeline.loader import DataConfigError
+    from data_pipeline.shards import ShardError
+    from data_pipeline.tokenizer import TokenizerError
+    from megatron_tts.config import ConfigError
+
+    return ConfigError, DataConfigError, TokenizerError, LayoutError, ShardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,21 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
-
-    from megatron_tts.config import ConfigError, load_config
-
+    user_errors = _user_errors()
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FATAL
+        from megatron_tts.config import load_config
+        from megatron_tts.train import run_training
 
-    from megatron_tts.train import run_training
-
-    try:
-        return run_training(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return run_training(load_config(args.config, args.overrides))
+    except user_errors as e:
+        # Every rank reports: an input error seen by one rank only must not be silent.
+        prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return EXIT_FATAL
 
 

@@ -222,6 +222,8 @@ class Checkpointer:
                                "pick a committed one or resume=auto")
         with open(os.path.join(path, STATE_FILE)) as f:
             trainer_state = json.load(f)
+        if self.distributed_optimizer:
+            _init_optimizer_states(self.optimizer)
         sharded = self._sharded(is_loading=True)
         loaded = dist_checkpointing.load(sharded, path)
         from megatron.core.distributed import DistributedDataParallel
@@ -229,13 +231,11 @@ class Checkpointer:
         for i, m in enumerate(self.model):
             inner = m.module if isinstance(m, DistributedDataParallel) else m
             inner.load_state_dict(loaded["model"] if len(self.model) == 1 else loaded[f"model{i}"])
-        if self.distributed_optimizer:
-            _init_optimizer_states(self.optimizer)
         self.optimizer.load_state_dict(loaded["optimizer"])
         if self.distributed_optimizer:
-            from megatron_tts.optim import fix_distributed_optimizer_step_state
+            from megatron_tts.mcore_fixes import unshare_adam_steps
 
-            fix_distributed_optimizer_step_state(self.optimizer)
+            unshare_adam_steps(self.optimizer)
         for name, comp in self.components.items():
             if name in trainer_state["components"]:
                 comp.load_state_dict(trainer_state["components"][name])

@@ -297,7 +297,10 @@ def _build_megatron(path: tuple[str, str], raw: dict, cfg: Config, problems: lis
     names = {f.name for f in dataclasses.fields(cls)}
     where = ".".join(path)
     kwargs: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+        raw = {}
+    for k, v in raw.items():
         if k not in names:
             problems.append(f"{where}.{k}: not a field of {cls.__name__}; check the spelling")
         elif k in _OWNED[path]:
@@ -398,7 +401,15 @@ def _build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
         if k not in names:
             problems.append(f"{where}.{k}: unknown key; valid keys are {', '.join(names)}" if where else
                             f"{k}: unknown section; valid sections are {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k, problems) for k, v in raw.items() if k in names}
+    kwargs = {}
+    for k, v in raw.items():
+        if k in names:
+            n = len(problems)
+            value = _coerce(v, hints[k], f"{where}.{k}" if where else k, problems)
+            # A wrongly typed value is reported and replaced by its default, so that the checks
+            # after it still run (and list their own problems) instead of crashing on it.
+            if len(problems) == n or dataclasses.is_dataclass(hints[k]):
+                kwargs[k] = value
     return cls(**kwargs)
 
 
@@ -424,14 +435,14 @@ def build_config(raw: dict, source: str = "config") -> Config:
     if cfg.model.transformer is None:
         problems.append("model.transformer: missing; give at least num_layers, hidden_size, num_attention_heads")
     _validate(cfg, problems)
-    if problems:
-        raise ConfigError(problems, source)
-    # Only a tree free of our own problems is handed to megatron's constructors, whose
-    # __post_init__ asserts would otherwise report one problem at a time.
+    # The megatron sections' keys are checked with ours, so that one error lists both.
     built = {}
     for path in _MEGATRON_SECTIONS:
         section = getattr(cfg, path[0])
-        built[path] = _build_megatron(path, getattr(section, path[1]) or {}, cfg, problems)
+        raw_section = getattr(section, path[1])
+        built[path] = _build_megatron(path, {} if raw_section is None else raw_section, cfg, problems)
+    # Only a tree free of problems is handed to megatron's constructors, whose
+    # __post_init__ asserts would otherwise report one problem at a time.
     if problems:
         raise ConfigError(problems, source)
     for path, (cls, kwargs) in built.items():
@@ -444,9 +455,12 @@ def build_config(raw: dict, source: str = "config") -> Config:
 
 
 def _validate(cfg: Config, problems: list[str]) -> None:
-    t = cfg.model.transformer or {}
-    if not isinstance(t, dict):
-        return
+    # (a transformer section that is not a mapping is reported by _build_megatron)
+    t = cfg.model.transformer if isinstance(cfg.model.transformer, dict) else {}
+    for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups"):
+        if t.get(k) is not None and (not isinstance(t[k], int) or isinstance(t[k], bool)):
+            problems.append(f"model.transformer.{k}: expected int, got {t[k]!r}")
+            t = {**t, k: None}  # the checks below skip it
     p, tr = cfg.parallel, cfg.train
     for name, v in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.steps", tr.steps),
                     ("train.micro_batch_size", tr.micro_batch_size),
@@ -460,7 +474,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     groups = t.get("num_query_groups") or heads
     layers = t.get("num_layers")
     for k in ("num_layers", "hidden_size", "num_attention_heads"):
-        if k not in t:
+        if k not in t and isinstance(cfg.model.transformer, dict):
             problems.append(f"model.transformer.{k}: missing; every recipe must set it")
     if heads and p.tp and heads % p.tp:
         problems.append(f"model.transformer.num_attention_heads={heads} is not divisible by parallel.tp={p.tp}; "
@@ -481,14 +495,14 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("parallel.sequence_parallel: needs parallel.tp >= 2; set it false or raise tp")
     if p.backend not in ("auto", "nccl", "gloo"):
         problems.append(f"parallel.backend: '{p.backend}' unknown; use auto, nccl or gloo")
-    if p.dp is not None and tr.global_batch_size % (tr.micro_batch_size * p.dp):
+    if p.dp is not None and p.dp >= 1 and tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * p.dp):
         problems.append(_batch_problem(cfg, p.dp))
     v = cfg.model.vocab
     from data_pipeline.layouts import LLASA_SPECIAL_TOKENS
 
     specials = v.special_tokens if v.special_tokens is not None else LLASA_SPECIAL_TOKENS
     vocab = v.text_vocab_size + len(specials) + v.n_codebooks * v.codebook_size
-    multiple = 128 * p.tp
+    multiple = 128 * max(p.tp, 1)
     if v.padded_size is not None:
         if v.padded_size < vocab:
             problems.append(f"model.vocab.padded_size={v.padded_size} is smaller than the vocab ({vocab}); "
@@ -534,9 +548,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
 def _batch_problem(cfg: Config, dp: int) -> str:
     tr = cfg.train
     unit = tr.micro_batch_size * dp
+    below, above = max(unit, tr.global_batch_size // unit * unit), math.ceil(tr.global_batch_size / unit) * unit
     return (f"train.global_batch_size={tr.global_batch_size} is not divisible by micro_batch_size x dp = "
-            f"{tr.micro_batch_size} x {dp} = {unit}; use {max(unit, tr.global_batch_size // unit * unit)} "
-            f"or {math.ceil(tr.global_batch_size / unit) * unit}")
+            f"{tr.micro_batch_size} x {dp} = {unit}; use {below}" + ("" if below == above else f" or {above}"))
 
 
 def _divisors(n: int) -> list[int]:

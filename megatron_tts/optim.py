@@ -24,6 +24,9 @@ def build_optimizer(cfg: Config, model_chunks: list[torch.nn.Module]):
     """megatron-core picks fused Adam from TE or apex when present, torch AdamW otherwise."""
     from megatron.core.optimizer import get_megatron_optimizer
 
+    from megatron_tts import mcore_fixes
+
+    mcore_fixes.apply()
     return get_megatron_optimizer(cfg.optim.optimizer, model_chunks)
 
 
@@ -49,28 +52,3 @@ def build_scheduler(cfg: Config, optimizer):
         wsd_decay_steps=s.wsd_decay_steps,
         lr_wsd_decay_style=s.wsd_decay_style if s.decay_style == "WSD" else None,
     )
-
-
-def fix_distributed_optimizer_step_state(optimizer) -> None:
-    """Give every parameter its own Adam `step` tensor after a distributed-optimizer load.
-
-    megatron-core 0.19.2 (distrib_optimizer.py:1028-1032) loads one shared `step` tensor for
-    all params; torch AdamW then increments it once per param per step, silently skewing bias
-    correction after a resume (notes/megatron-core-cpu.md). Our resume test catches a relapse.
-    """
-    for opt in _inner_torch_optimizers(optimizer):
-        seen: dict[int, torch.Tensor] = {}
-        for state in opt.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    state["step"] = step.clone()
-                seen[id(state["step"])] = state["step"]
-
-
-def _inner_torch_optimizers(optimizer):
-    chained = getattr(optimizer, "chained_optimizers", None)
-    for o in chained if chained is not None else [optimizer]:
-        inner = getattr(o, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer):
-            yield inner

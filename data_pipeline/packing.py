@@ -12,7 +12,7 @@ Global order (per epoch ``e``):
   * the epoch's sample stream is the concatenation in permuted shard order.
 
 Packing: the stream is cut into windows of ``pack_window`` samples; each window
-is packed independently with best-fit-decreasing into bins of ``seq_len``
+is packed independently with minimal bin slack into bins of ``seq_len``
 tokens; bins are emitted in a seeded permutation (so consecutive packs are not
 sorted by length). The concatenation of the windows' packs is the epoch's pack
 sequence; epochs follow each other forever.
@@ -99,6 +99,58 @@ class GlobalOrder:
                 pos = take_hi
             k += 1
         return np.concatenate(shards), np.concatenate(samples).astype(np.int64)
+
+
+def minimal_bin_slack(lengths: Sequence[int], capacity: int, budget: int = 64) -> list[list[int]]:
+    """Pack items into bins of ``capacity``; returns bins as lists of item indices.
+
+    Minimal Bin Slack (Gupta & Ho): each new bin takes the longest remaining item, then the
+    subset of the remaining items that leaves the least slack, found by a depth-first search
+    over items longest first that stops at zero slack or after ``budget`` nodes. On speech
+    data (2-12 utterances per sequence) it packs 97-99.7% full where best-fit-decreasing
+    reaches 93-99.4% (docs/benchmarks.md). Deterministic: ties go to the lower index.
+    Every length must be in [1, capacity].
+    """
+    for i, n in enumerate(lengths):
+        if n <= 0 or n > capacity:
+            raise ValueError(f"item {i} has length {int(n)}, outside [1, {capacity}]")
+    alive = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    while alive:
+        first, rest = alive[0], alive[1:]
+        neg = [-int(lengths[i]) for i in rest]  # ascending, for bisect
+        best: list[int] = []
+        best_room = capacity - int(lengths[first])
+        chosen: list[int] = []
+        nodes = 0
+
+        def search(start: int, room: int) -> bool:
+            """True once a zero-slack subset is found or the budget is spent."""
+            nonlocal best, best_room, nodes
+            if room < best_room:
+                best, best_room = list(chosen), room
+            if room == 0:
+                return True
+            k = bisect.bisect_left(neg, -room, lo=start)  # first item that fits
+            last = None
+            while k < len(rest):
+                n = -neg[k]
+                if n != last:  # equal lengths lead to equal subtrees
+                    last = n
+                    nodes += 1
+                    chosen.append(k)
+                    done = search(k + 1, room - n)
+                    chosen.pop()
+                    if done or nodes >= budget:
+                        return True
+                k += 1
+            return False
+
+        search(0, best_room)
+        picked = set(best)
+        bins.append([first] + [rest[k] for k in best])
+        alive = [i for k, i in enumerate(rest) if k not in picked]
+    return bins
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -201,8 +253,8 @@ class PackPlanner:
             TooLong(int(shards[i]), int(indices[i]), int(lengths[i])) for i in np.flatnonzero(lengths > self.seq_len)
         ]
         pos = np.flatnonzero(fits)  # stream positions (within the window) of packable samples
-        bins = best_fit_decreasing(lengths[pos].tolist(), self.seq_len)
-        # Emit bins in a seeded permutation: BFD creates bins longest-item-first, and
+        bins = minimal_bin_slack(lengths[pos].tolist(), self.seq_len)
+        # Emit bins in a seeded permutation: the packer creates bins longest-item-first, and
         # leaving them in that order would make consecutive packs length-correlated.
         perm = _rng(self.order.seed, epoch, _TAG_BINS, window).permutation(len(bins))
         packs: list[Pack] = []

@@ -15,7 +15,7 @@ import torch
 
 from data_pipeline.layouts import SEGMENT_INDEX, VocabLayout, build_layout
 from data_pipeline.loader import Batch, DataConfigError, PackedLoader, build_attention_mask, build_pack_row
-from data_pipeline.packing import GlobalOrder, PackPlanner, best_fit_decreasing
+from data_pipeline.packing import GlobalOrder, PackPlanner, best_fit_decreasing, minimal_bin_slack
 from data_pipeline.shards import DatasetIndex, Sample, load_shard_index, write_dataset
 from data_pipeline.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -108,6 +108,30 @@ def test_best_fit_decreasing_places_every_item_once_within_capacity() -> None:
     assert best_fit_decreasing([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="outside"):
         best_fit_decreasing([513], 512)
+
+
+def test_minimal_bin_slack_places_every_item_once_and_beats_bfd() -> None:
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(90, 261, 400).tolist()  # the demo's utterance lengths at seq 512
+    bins = minimal_bin_slack(lengths, 512)
+    assert sorted(i for b in bins for i in b) == list(range(400))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    assert bins == minimal_bin_slack(lengths, 512)
+    assert len(bins) < len(best_fit_decreasing(lengths, 512))
+    with pytest.raises(ValueError, match="outside"):
+        minimal_bin_slack([513], 512)
+
+
+def test_packing_efficiency_on_the_demo_data() -> None:
+    """The issue's bar: >= 95% on the embedded demo data with the tiny recipe's layout."""
+    demo = Path(__file__).resolve().parents[2] / "data" / "demo"
+    layout = build_layout("llasa", VocabLayout(text_vocab_size=256, codebook_size=256))
+    with PackedLoader(str(demo), layout=layout, tokenizer=TOK, seq_len=512, micro_batch_size=2,
+                      global_batch_size=8, prefetch=0, num_workers=1) as ld:
+        planner = ld._planner
+        plans = [planner.plan(e, w) for e in (0, 1) for w in range(planner.windows_per_epoch)]
+    eff = sum(p.n_tokens for p in plans) / (sum(len(p.packs) for p in plans) * 512)
+    assert eff >= 0.95, eff
 
 
 def test_global_order_is_a_permutation_per_epoch_seeded_and_slice_consistent() -> None:
@@ -585,5 +609,6 @@ def test_stats_reflect_consumed_steps_only(dataset: str) -> None:
     # prefetched steps are not consumed: never count them in state or stats
     assert s["consumed_packs"] == 16 and s["epoch"] == 0
     assert s["consumed_docs"] == delivered
-    assert 0.9 < s["pack_efficiency_cumulative"] <= 1.0 and 0.0 < s["pack_efficiency"] <= 1.0
+    # two steps are a sample of one window's packs (epoch-level efficiency is tested separately)
+    assert 0.8 < s["pack_efficiency_cumulative"] <= 1.0 and 0.0 < s["pack_efficiency"] <= 1.0
     assert s["skipped_bad_sample"] == s["skipped_bad_shard"] == s["skipped_too_long"] == 0

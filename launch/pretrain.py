@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from megatron_tts.exit_codes import EXIT_FATAL
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
+    # megatron-core warns at import about every optional kernel it falls back from (apex, TE,
+    # triton, ...); our own startup line states what is in use.
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine|absl).*")
     user_errors = _user_errors()
     try:
         from megatron_tts.config import load_config

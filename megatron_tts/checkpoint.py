@@ -173,10 +173,11 @@ class Checkpointer:
         if self.layout.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.join(tmp, "rng"))
+            os.makedirs(tmp)  # empty: megatron warns about "incomplete" checkpoints otherwise
         _barrier()
         dist_checkpointing.save(self._sharded(is_loading=False), tmp,
                                 sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         rng_path = os.path.join(tmp, "rng", f"rank_{self.layout.rank:05d}.pt")
         torch.save(rng_state(), rng_path)
         with open(rng_path, "rb+") as f:

@@ -143,9 +143,20 @@ def _global_param_count(chunks: list, layout: Layout) -> int:
     return int(n.item())
 
 
+# megatron-core warnings that do not apply to how we call it (we use GPTModel on purpose, and
+# the synchronous torch_dist save path); every other megatron warning is shown.
+_BENIGN = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
+
+
+def _drop_benign(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BENIGN)
+
+
 def _setup_logging(layout: Layout) -> None:
     level = logging.INFO if layout.rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s r{layout.rank}] %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_benign)
     for noisy in ("megatron.core", "megatron"):
         logging.getLogger(noisy).setLevel(logging.WARNING if layout.rank == 0 else logging.ERROR)
 

@@ -403,10 +403,11 @@ class PackedLoader:
                 raise DataConfigError(f"dataset {path} (codec n_q={n_q}) does not fit layout {self.layout.name!r}: {e}") from e
         cb = codec.get("codebook_size")
         if cb is not None and int(cb) > self.layout.vocab.codebook_size:
-            logger.warning(
-                "dataset %s has codec codebook_size %s > layout codebook_size %d: samples with larger codes "
-                "will be skipped (check the codec / vocab configuration)", path, cb, self.layout.vocab.codebook_size,
-            )
+            # Not a per-sample problem: most samples of such a dataset would be dropped.
+            raise DataConfigError(
+                f"dataset {path} has codec codebook_size {cb} > model.vocab.codebook_size="
+                f"{self.layout.vocab.codebook_size}; set model.vocab.codebook_size={cb} or use data "
+                f"tokenized with a {self.layout.vocab.codebook_size}-entry codec")
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -16,6 +16,8 @@ from monitoring.metrics import read_jsonl
 
 def summarize(run_dir: str, data: str | None = None) -> dict:
     path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist; is {run_dir} a run directory, and did the run start?")
     steps = [r for r in read_jsonl(path) if "loss" in r and "step" in r]
     if not steps:
         raise SystemExit(f"error: {path} has no step records; did the run start?")

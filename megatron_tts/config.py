@@ -450,6 +450,9 @@ def build_config(raw: dict, source: str = "config") -> Config:
             obj = cls(**kwargs)
         except (AssertionError, ValueError, TypeError) as e:
             raise ConfigError([f"{'.'.join(path)}: megatron-core rejected it: {e}"], source) from e
+        # Remember what the recipe set: the dump writes those back, not the values megatron
+        # derived from them (kv_channels, ...), which would go stale under a later override.
+        object.__setattr__(obj, _USER_FIELDS, tuple(k for k in kwargs if k not in _OWNED[path]))
         setattr(getattr(cfg, path[0]), path[1], obj)
     return cfg
 
@@ -619,13 +622,21 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+_USER_FIELDS = "_megatron_tts_user_fields"
+
+
 def to_dict(obj: Any, owned: dict = None) -> dict:
-    """Our sections in full; nested megatron configs as their non-default fields only,
-    without the fields our tree owns, so that the dump loads back as a recipe."""
+    """Our sections in full; nested megatron configs as the fields the recipe set (else their
+    non-default fields), without the fields our tree owns, so the dump loads back as a recipe."""
     out = {}
     is_megatron = type(obj).__module__.startswith("megatron.")
+    user = getattr(obj, _USER_FIELDS, None) if is_megatron else None
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if user is not None:
+            if f.name in user:
+                out[f.name] = _plain(value)
+            continue
         if dataclasses.is_dataclass(value) and type(value).__module__.startswith("megatron."):
             path = next(p for p in _MEGATRON_SECTIONS if p[1] == f.name)
             out[f.name] = to_dict(value, _OWNED[path])

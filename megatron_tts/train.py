@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from megatron_tts import cpu_compat
 from megatron_tts.checkpoint import Checkpointer
-from megatron_tts.config import Config, dump_yaml, resolve_dtype, to_dict, vocab_layout
+from megatron_tts.config import (Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict,
+                                 vocab_layout)
 from megatron_tts.model import build_model_chunks, count_parameters, have_transformer_engine
 from megatron_tts.optim import build_optimizer, build_scheduler
 from megatron_tts.parallel import Layout, destroy_distributed, init_distributed
@@ -125,8 +126,14 @@ def build_run(cfg: Config) -> Run:
     metrics = None
     if layout.rank == 0:
         os.makedirs(cfg.train.run_dir, exist_ok=True)
+        derived = (f"# derived at launch: world_size={layout.world_size} tp={layout.tp} pp={layout.pp} "
+                   f"dp={layout.dp} micro_batches={cfg.num_microbatches(layout.dp)} "
+                   f"padded_vocab={padded_vocab_size(cfg)} dtype={resolve_dtype(cfg)} "
+                   f"backend={resolve_backend(cfg)} params={num_params}\n")
+        text = derived + dump_yaml(cfg)
         with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(cfg))
+            f.write(text)
+        log.info("resolved config (saved to %s/config.yaml):\n%s", cfg.train.run_dir, text)
     if layout.is_logging_rank:
         sinks = [WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg))] if cfg.logging.wandb else []
         metrics = MetricsLogger(cfg.train.run_dir, console=cfg.logging.console, extra_sinks=sinks)
@@ -247,18 +254,23 @@ def train_step(run: Run, batches: list, forward_step) -> dict:
     ok, grad_norm, _ = run.optimizer.step()
     if ok:
         run.scheduler.step(increment=1)
-    stats = torch.zeros(8, dtype=torch.float64)
+    stats = torch.zeros(10, dtype=torch.float64)
     for entry in losses or []:
         stats[:6] += entry["lm"].double().cpu()
     stats[6] = sum(b.n_tokens for b in batches)
     stats[7] = sum(len(row) for b in batches for row in b.sample_keys)
+    # Each DP rank reads (and skips) only its own samples: the run's counts are the DP sum.
+    loader_stats = run.loader.stats
+    stats[8] = loader_stats.get("skipped_bad_sample", 0)
+    stats[9] = loader_stats.get("skipped_bad_shard", 0)
     if dist.is_initialized():
         # CPU-GPU sync point (one per step, with the grad norm): global loss and token counts.
         dist.all_reduce(stats, group=ps.get_data_parallel_group())
     return {"ok": bool(ok), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "loss_sum": stats[0].item(), "n_loss": stats[1].item(), "speech_sum": stats[2].item(),
             "n_speech": stats[3].item(), "text_sum": stats[4].item(), "n_text": stats[5].item(),
-            "tokens": int(stats[6].item()), "docs": int(stats[7].item())}
+            "tokens": int(stats[6].item()), "docs": int(stats[7].item()),
+            "skipped_bad_sample": int(stats[8].item()), "skipped_bad_shard": int(stats[9].item())}
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,7 +341,9 @@ def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int)
         "skipped_step": not out["ok"],
     }
     loader_stats = run.loader.stats
-    for k in ("skipped_too_long", "skipped_bad_sample", "skipped_bad_shard", "epoch"):
+    r["skipped_bad_sample"] = out["skipped_bad_sample"]
+    r["skipped_bad_shard"] = out["skipped_bad_shard"]
+    for k in ("skipped_too_long", "epoch"):  # planned from the index: the same on every rank
         if k in loader_stats:
             r[k] = loader_stats[k]
     return r

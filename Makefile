@@ -59,7 +59,7 @@ demo: demo-data
 	$(BIN)/python -m launch.summary $(DEMO_RUN) --data $(DEMO_DATA)
 
 test: install
-	$(BIN)/python -m pytest -q -ra --timeout 600 tests
+	$(BIN)/python -m pytest -q -ra --timeout 600 --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

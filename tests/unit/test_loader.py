@@ -498,9 +498,14 @@ def test_codes_outside_the_codebook_are_skipped(tmp_path: Path, caplog: pytest.L
     for i, s in enumerate(samples):
         s.codes = s.codes % 512
         if i % 10 == 3:
-            s.codes[0, 7] = 700  # valid for the 1024-entry codec, outside the 512-entry vocab layout
+            s.codes[0, 7] = 700  # outside the 512-entry codebook the dataset claims below
             bad.add(f"shard-{i // 20:06d}.tar:{s.key}")
     write_dataset(str(tmp_path / "ds"), samples, CODEC, samples_per_shard=20, name="cb")
+    # A dataset that says 512 but holds a few larger codes (a buggy tokenizer upstream).
+    index = tmp_path / "ds" / "index.json"
+    meta = json.loads(index.read_text())
+    meta["codec"]["codebook_size"] = 512
+    index.write_text(json.dumps(meta))
     small = build_layout("llasa", VocabLayout(text_vocab_size=256, codebook_size=512))
     caplog.set_level(logging.WARNING, logger="data_pipeline.loader")
     with make_loader(str(tmp_path / "ds"), layout=small, prefetch=0) as ld:
@@ -508,8 +513,14 @@ def test_codes_outside_the_codebook_are_skipped(tmp_path: Path, caplog: pytest.L
         stats = ld.stats
     assert len(keys) == 60 - len(bad) and not bad & set(keys)
     assert stats["skipped_bad_sample"] >= len(bad)
-    assert "codebook_size 1024 > layout codebook_size 512" in caplog.text
     assert "outside the codebook" in caplog.text
+
+
+def test_codec_larger_than_the_layout_codebook_is_a_config_error(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path / "ds"), synth_samples(10, seed=5), CODEC, samples_per_shard=10, name="cb")
+    small = build_layout("llasa", VocabLayout(text_vocab_size=256, codebook_size=512))
+    with pytest.raises(DataConfigError, match="codebook_size 1024 > model.vocab.codebook_size=512"):
+        make_loader(str(tmp_path / "ds"), layout=small, prefetch=0)
 
 
 def test_samples_longer_than_seq_len_are_skipped_counted_logged(tmp_path: Path,

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from megatron_tts.config import Config, padded_vocab_size
+from megatron_tts.config import Config, ConfigError, padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +21,23 @@ def have_transformer_engine() -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(cfg: Config):
+def uses_transformer_engine(cfg: Config) -> bool:
     """Transformer-engine layers when TE imports (and CUDA is there), megatron's local ones otherwise."""
+    choice = cfg.model.layer_spec
+    if choice == "te" and not have_transformer_engine():
+        raise ConfigError(["model.layer_spec=te but transformer_engine does not import (or there is no "
+                           "CUDA); install the [gpu] extra on a CUDA machine or set model.layer_spec=local"],
+                          "layer spec")
+    return choice == "te" or (choice == "auto" and have_transformer_engine())
+
+
+def layer_spec(cfg: Config):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    choice = cfg.model.layer_spec
-    if choice == "te" and not have_transformer_engine():
-        raise RuntimeError("model.layer_spec=te but transformer_engine does not import (or no CUDA); "
-                           "install the [gpu] extra on a CUDA machine or set model.layer_spec=local")
-    if choice == "te" or (choice == "auto" and have_transformer_engine()):
+    if uses_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if cfg.model.core_attention == "sdpa":
@@ -65,8 +70,7 @@ def build_model_chunks(cfg: Config) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     spec = layer_spec(cfg)
-    local = spec.module.__module__.startswith("megatron.core.transformer.transformer_layer") and not (
-        have_transformer_engine() and cfg.model.layer_spec != "local")
+    local = not uses_transformer_engine(cfg)
     vpp = cfg.parallel.vpp
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -11,13 +11,12 @@ from megatron_tts.config import Config
 log = logging.getLogger(__name__)
 
 
-def have_apex() -> bool:
-    """NVIDIA apex is detected by import only (PyPI's `apex` is an unrelated project)."""
-    try:
-        from apex.optimizers import FusedAdam  # noqa: F401
-    except Exception:
-        return False
-    return True
+def fused_adam_available() -> bool:
+    """What megatron-core's optimizer will use: fused Adam from transformer-engine or NVIDIA apex
+    (detected by import only: PyPI's `apex` is an unrelated project), else torch AdamW."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    return bool(HAVE_APEX_OR_TE)
 
 
 def build_optimizer(cfg: Config, model_chunks: list[torch.nn.Module]):

@@ -21,8 +21,8 @@ from megatron_tts import cpu_compat
 from megatron_tts.checkpoint import Checkpointer
 from megatron_tts.config import (Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict,
                                  vocab_layout)
-from megatron_tts.model import build_model_chunks, count_parameters, have_transformer_engine
-from megatron_tts.optim import build_optimizer, build_scheduler
+from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
+from megatron_tts.optim import build_optimizer, build_scheduler, fused_adam_available
 from megatron_tts.parallel import Layout, destroy_distributed, init_distributed
 from monitoring.metrics import MetricsLogger, WandbSink
 
@@ -104,7 +104,7 @@ def build_loader(cfg: Config, layout: Layout):
 def build_run(cfg: Config) -> Run:
     layout = init_distributed(cfg)
     _setup_logging(layout)
-    if have_transformer_engine() and cfg.model.layer_spec != "local" and cfg.train.micro_batch_size != 1:
+    if uses_transformer_engine(cfg) and cfg.train.micro_batch_size != 1:
         raise RuntimeError("with transformer-engine, packed documents are separated through THD "
                            "packed_seq_params, which need train.micro_batch_size=1 (raise "
                            "train.global_batch_size instead), or set model.layer_spec=local")
@@ -293,10 +293,12 @@ def _loop(run: Run) -> int:
     cfg, st, lay = run.cfg, run.state, run.layout
     resumed = maybe_resume(run)
     if lay.rank == 0:
-        log.info("model: %.2fM params | layout tp=%d pp=%d dp=%d | %s | micro-batches/step=%d | %s",
-                 run.num_params / 1e6, lay.tp, lay.pp, lay.dp, resolve_dtype(cfg),
-                 cfg.num_microbatches(lay.dp), "CPU (gloo)" if cpu_compat.is_active() else "CUDA")
-    use_thd = have_transformer_engine() and cfg.model.layer_spec != "local"
+        log.info("model: %.2fM params | layout tp=%d pp=%d dp=%d | %s | micro-batches/step=%d | %s | "
+                 "layers: %s | optimizer: %s", run.num_params / 1e6, lay.tp, lay.pp, lay.dp, resolve_dtype(cfg),
+                 cfg.num_microbatches(lay.dp), "CPU (gloo)" if cpu_compat.is_active() else "CUDA",
+                 "transformer-engine" if uses_transformer_engine(cfg) else "megatron local",
+                 "fused Adam (apex/TE)" if fused_adam_available() else "torch AdamW")
+    use_thd = uses_transformer_engine(cfg)
     forward_step = make_forward_step(use_thd, lay.device)
     stop_at = cfg.train.steps if cfg.train.stop_after is None else min(cfg.train.steps, st.step + cfg.train.stop_after)
     tokens_per_step_capacity = cfg.train.global_batch_size * cfg.data.seq_len

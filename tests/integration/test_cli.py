@@ -155,3 +155,20 @@ def test_summary_of_an_empty_run_dir(tmp_path):
     p = run_module("launch.summary", str(tmp_path))
     assert p.returncode != 0
     assert "metrics.jsonl does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_transformer_engine_seam_fails_clearly_without_it(tmp_path):
+    """model.layer_spec=te where transformer-engine cannot run: one clear line, fatal exit code."""
+
+    import torch
+
+    from megatron_tts.exit_codes import EXIT_FATAL
+
+    if torch.cuda.is_available():
+        pytest.skip("transformer-engine may be usable on a CUDA machine")
+    p = subprocess.run([sys.executable, "-m", "launch.pretrain", "--config", "configs/tiny.yaml",
+                        f"train.run_dir={tmp_path}", "train.steps=1", "model.layer_spec=te"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == EXIT_FATAL, p.stderr[-2000:]
+    assert "model.layer_spec=te but transformer_engine does not import" in p.stderr
+    assert "Traceback" not in p.stderr

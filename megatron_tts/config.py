@@ -168,6 +168,30 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = True
+    """Skip optimizer steps whose loss or gradients are non-finite (or spike)."""
+    clip_value: Optional[float] = None
+    """Clip each gradient element to [-v, v] before clipping by norm (optim.optimizer.clip_grad)."""
+    spike_k: float = 6.0
+    """A loss above median + k x 1.4826 x MAD of the recent window is a spike; 0 = off."""
+    spike_window: int = 100
+    """Accepted losses kept for the spike rule."""
+    spike_min_history: int = 20
+    """Losses needed before the spike rule applies."""
+    spike_action: str = "log"
+    """'log' (apply the step, count the spike) or 'skip' (skip it like a NaN)."""
+    max_consecutive_skips: int = 3
+    """More consecutive skips than this: roll back to the last committed checkpoint."""
+    max_skips_per_window: int = 10
+    """More skips than this within window_steps: roll back."""
+    window_steps: int = 100
+    """The window for max_skips_per_window."""
+    max_rollbacks: int = 2
+    """Rollbacks without a new committed checkpoint before the run is fatal (exit 3)."""
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 100
     """Save every N steps (and at the end)."""
@@ -205,6 +229,8 @@ class Config:
     """Step loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Step guard: NaN/spike skipping, skip budget, rollback."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and console output."""
 
@@ -524,6 +550,14 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.loss_segments: {bad} unknown; choose from {list(SEGMENTS)}")
     if cfg.model.layer_spec not in ("auto", "te", "local"):
         problems.append(f"model.layer_spec: '{cfg.model.layer_spec}' unknown; use auto, te or local")
+    g = cfg.guard
+    if g.spike_action not in ("log", "skip"):
+        problems.append(f"guard.spike_action: '{g.spike_action}' unknown; use log or skip")
+    if g.clip_value is not None and g.clip_value <= 0:
+        problems.append(f"guard.clip_value={g.clip_value}: must be > 0 or omitted")
+    for name in ("spike_window", "window_steps"):
+        if getattr(g, name) < 1:
+            problems.append(f"guard.{name}: must be >= 1")
     if cfg.model.core_attention not in ("sdpa", "megatron"):
         problems.append(f"model.core_attention: '{cfg.model.core_attention}' unknown; use sdpa or megatron")
     if cfg.model.init not in ("layout_invariant", "megatron"):

@@ -17,13 +17,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tts import cpu_compat
+from megatron_tts import cpu_compat, faults
 from megatron_tts.checkpoint import Checkpointer
 from megatron_tts.config import (Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict,
                                  vocab_layout)
 from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
 from megatron_tts.optim import build_optimizer, build_scheduler, fused_adam_available
 from megatron_tts.parallel import Layout, destroy_distributed, init_distributed
+from megatron_tts.step_guard import StepGuard, Verdict
+from megatron_tts.exit_codes import EXIT_FATAL
 from monitoring.metrics import MetricsLogger, WandbSink
 
 log = logging.getLogger("megatron_tts")
@@ -59,8 +61,10 @@ class Run:
     loader: Any
     checkpointer: Checkpointer
     metrics: Optional[MetricsLogger]
+    guard: StepGuard = None
     state: TrainState = field(default_factory=TrainState)
     num_params: int = 0
+    attempts: int = 0  # train_step calls in this process (not rolled back): fault-injection key
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,8 +124,10 @@ def build_run(cfg: Config) -> Run:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState()
+    guard = StepGuard(cfg.guard)
     checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
-                                components={"train": state, "scheduler": scheduler, "loader": loader},
+                                components={"train": state, "scheduler": scheduler, "loader": loader,
+                                            "guard": guard},
                                 distributed_optimizer=cfg.optim.distributed, keep_last=cfg.checkpoint.keep_last)
     metrics = None
     if layout.rank == 0:
@@ -137,7 +143,7 @@ def build_run(cfg: Config) -> Run:
     if layout.is_logging_rank:
         sinks = [WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg))] if cfg.logging.wandb else []
         metrics = MetricsLogger(cfg.train.run_dir, console=cfg.logging.console, extra_sinks=sinks)
-    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, state, num_params)
+    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, state, num_params)
 
 
 def _global_param_count(chunks: list, layout: Layout) -> int:
@@ -203,8 +209,10 @@ def _packed_seq_params(batch) -> Any:
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def _loss_func(batch, speech_segments: torch.Tensor, output_tensor: torch.Tensor):
+def _loss_func(batch, speech_segments: torch.Tensor, poison: bool, output_tensor: torch.Tensor):
     losses = output_tensor.float()
+    if poison:  # fault injection (MEGATRON_TTS_FAULT=nan_loss:...): a real NaN through backward
+        losses = losses * float("nan")
     mask = batch.loss_mask.float()
     is_speech = torch.isin(batch.segment.long(), speech_segments).float() * mask
     is_text = mask - is_speech
@@ -221,25 +229,30 @@ def make_forward_step(use_thd: bool, device: torch.device):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device, non_blocking=True)
+        poison = forward_step.poison
         if use_thd:
             out = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
                         packed_seq_params=_packed_seq_params(batch))
         else:
             out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
-        return out, partial(_loss_func, batch, speech)
+        return out, partial(_loss_func, batch, speech, poison)
 
+    forward_step.poison = False
     return forward_step
 
 
 def train_step(run: Run, batches: list, forward_step) -> dict:
-    """One optimizer step over this rank's micro-batches. Returns the reduced step statistics."""
+    """One optimizer step over this rank's micro-batches, guarded. Returns global statistics."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    cfg = run.cfg
+    cfg, lay = run.cfg, run.layout
+    step = run.state.step + 1
+    run.attempts += 1
     for m in run.model:
         m.zero_grad_buffer()
     run.optimizer.zero_grad()
+    forward_step.poison = faults.active("nan_loss", step=step, rank=lay.rank, attempt=run.attempts)
     n_chunks = len(run.model)
     iters = [iter(batches) for _ in range(n_chunks)]
     losses = get_forward_backward_func()(
@@ -251,22 +264,44 @@ def train_step(run: Run, batches: list, forward_step) -> dict:
         micro_batch_size=cfg.train.micro_batch_size,
         forward_only=False,
     )
-    ok, grad_norm, _ = run.optimizer.step()
-    if ok:
-        run.scheduler.step(increment=1)
-    stats = torch.zeros(10, dtype=torch.float64)
-    for entry in losses or []:
-        stats[:6] += entry["lm"].double().cpu()
-    stats[6] = sum(b.n_tokens for b in batches)
-    stats[7] = sum(len(row) for b in batches for row in b.sample_keys)
-    # Each DP rank reads (and skips) only its own samples: the run's counts are the DP sum.
-    loader_stats = run.loader.stats
-    stats[8] = loader_stats.get("skipped_bad_sample", 0)
-    stats[9] = loader_stats.get("skipped_bad_shard", 0)
+    if faults.active("nan_grad", step=step, rank=lay.rank, attempt=run.attempts):
+        run.model[0].buffers[0].grad_data[0] = float("nan")
+    # Each quantity is contributed once: losses by the last stage's TP rank 0, data counts by
+    # the first stage's TP rank 0 (every DP rank reads and skips only its own samples).
+    stats = torch.zeros(11, dtype=torch.float64)
+    loss_sum = None
+    if losses:
+        report = sum(entry["lm"].double().cpu() for entry in losses)
+        loss_sum = report[0]
+        if lay.tp_rank == 0:
+            stats[:6] = report
+    if lay.tp_rank == 0 and lay.pp_rank == 0:
+        loader_stats = run.loader.stats
+        stats[6] = sum(b.n_tokens for b in batches)
+        stats[7] = sum(len(row) for b in batches for row in b.sample_keys)
+        stats[8] = loader_stats.get("skipped_bad_sample", 0)
+        stats[9] = loader_stats.get("skipped_bad_shard", 0)
+    stats[10] = run.guard.prepare(run.model, loss_sum).cpu() if cfg.guard.enabled else 0.0
     if dist.is_initialized():
-        # CPU-GPU sync point (one per step, with the grad norm): global loss and token counts.
-        dist.all_reduce(stats, group=ps.get_data_parallel_group())
-    return {"ok": bool(ok), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        # CPU-GPU sync point, the one per step (megatron's grad-norm reduction aside): global
+        # loss, token counts and the guard's non-finite flag, so every rank decides alike.
+        dist.all_reduce(stats)
+    loss = stats[0].item() / max(stats[1].item(), 1.0)
+    verdict = run.guard.judge(step, stats[10].item(), loss) if cfg.guard.enabled else Verdict(apply=True)
+    grad_norm = float("nan")
+    if verdict.apply:
+        ok, norm, _ = run.optimizer.step()
+        if ok:
+            run.scheduler.step(increment=1)
+        grad_norm = float(norm) if norm is not None else float("nan")
+    else:
+        # Dropped: no parameter, optimizer or scheduler state changes. The gradient buffers are
+        # zeroed at the start of the next step.
+        ok = False
+        if lay.tp_rank == 0 and lay.pp_rank == 0:
+            keys = [k for b in batches for row in b.sample_keys for k in row]
+            log.warning("step %d skipped (%s, dp rank %d): samples %s", step, verdict.reason, lay.dp_rank, keys)
+    return {"ok": bool(ok), "verdict": verdict, "grad_norm": grad_norm, "loss": loss,
             "loss_sum": stats[0].item(), "n_loss": stats[1].item(), "speech_sum": stats[2].item(),
             "n_speech": stats[3].item(), "text_sum": stats[4].item(), "n_text": stats[5].item(),
             "tokens": int(stats[6].item()), "docs": int(stats[7].item()),
@@ -282,6 +317,9 @@ def run_training(cfg: Config) -> int:
     run = build_run(cfg)
     try:
         return _loop(run)
+    except GuardFatal as e:
+        log.error("fatal: %s", e)
+        return EXIT_FATAL
     finally:
         run.loader.close()
         if run.metrics:
@@ -308,6 +346,14 @@ def _loop(run: Run) -> int:
         t_data = time.perf_counter() - t0
         out = train_step(run, batches, forward_step)
         step_time = time.perf_counter() - t0
+        if out["verdict"].fatal:
+            log.error("step %d: the skip budget ran out again after %d rollbacks without a new committed "
+                      "checkpoint; stopping (fatal, do not requeue). Inspect the flagged samples above.",
+                      st.step + 1, cfg.guard.max_rollbacks)
+            return EXIT_FATAL
+        if out["verdict"].rollback:
+            rollback(run)
+            continue
         st.step += 1
         st.consumed_samples += cfg.train.global_batch_size
         st.consumed_tokens += out["tokens"]
@@ -316,12 +362,37 @@ def _loop(run: Run) -> int:
             run.metrics.log(_record(run, out, step_time, t_data, tokens_per_step_capacity))
         if st.step % cfg.checkpoint.interval == 0 or st.step == stop_at:
             path = run.checkpointer.save(st.step)
+            run.guard.committed()
             if run.metrics:
                 run.metrics.event({"event": "checkpoint", "step": st.step, "path": path,
                                    "blocking_s": round(run.checkpointer.last_save_blocking_s, 4)})
     if lay.rank == 0:
         log.info("stopped at step %d (resumed from %s); run dir %s", st.step, resumed, cfg.train.run_dir)
     return 0
+
+
+def rollback(run: Run) -> None:
+    """Restore the last committed checkpoint and skip the data window that broke the budget."""
+    latest = run.checkpointer.latest()
+    if latest is None:
+        raise GuardFatal("the skip budget ran out and there is no committed checkpoint to roll back to")
+    failed_at = run.state.step + 1
+    past_window = run.loader.state_dict()  # the cursor after the offending steps' data
+    counters = {k: getattr(run.guard, k) for k in ("skipped_steps", "spikes", "rollbacks", "rollbacks_since_commit")}
+    run.checkpointer.load(latest[1])
+    run.loader.load_state_dict(past_window)
+    for k, v in counters.items():  # the checkpoint's older counters must not hide what happened
+        setattr(run.guard, k, v)
+    run.guard.after_rollback()
+    log.warning("rollback: step %d broke the skip budget; restored %s (step %d) and skipped the data "
+                "consumed since", failed_at, latest[1], run.state.step)
+    if run.metrics:
+        run.metrics.event({"event": "rollback", "failed_step": failed_at, "to_step": run.state.step,
+                           "path": latest[1], **run.guard.counters()})
+
+
+class GuardFatal(RuntimeError):
+    """The step guard cannot recover; the run exits EXIT_FATAL."""
 
 
 def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int) -> dict:
@@ -331,7 +402,7 @@ def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int)
         "consumed_samples": st.consumed_samples,
         "consumed_tokens": st.consumed_tokens,
         "consumed_docs": st.consumed_docs,
-        "loss": out["loss_sum"] / max(out["n_loss"], 1),
+        "loss": out["loss"],
         "loss_speech": out["speech_sum"] / out["n_speech"] if out["n_speech"] else None,
         "loss_text": out["text_sum"] / out["n_text"] if out["n_text"] else None,
         "lr": run.optimizer.param_groups[0]["lr"],
@@ -341,11 +412,12 @@ def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int)
         "data_wait_s": t_data,
         "pack_efficiency": out["tokens"] / capacity,
         "skipped_step": not out["ok"],
+        **run.guard.counters(),
     }
     loader_stats = run.loader.stats
     r["skipped_bad_sample"] = out["skipped_bad_sample"]
     r["skipped_bad_shard"] = out["skipped_bad_shard"]
-    for k in ("skipped_too_long", "epoch"):  # planned from the index: the same on every rank
+    for k in ("skipped_too_long", "epoch", "consumed_packs"):  # the same on every rank
         if k in loader_stats:
             r[k] = loader_stats[k]
     return r

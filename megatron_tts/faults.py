@@ -1,0 +1,78 @@
+"""Fault injection for tests and drills, off (and free) unless MEGATRON_TTS_FAULT is set.
+
+Grammar: MEGATRON_TTS_FAULT="KIND[:key=value]...[;KIND...]" where a spec matches when every
+given key equals the call's value (`step` and `attempt` also take ranges `a-b` and lists
+`a,b,c`). `attempt` counts train steps run by this process, rollbacks included, so a fault
+keyed on it does not recur when a rollback replays the same step numbers.
+
+Kinds:
+    nan_loss   multiply the loss of the matching step by NaN (gradients become NaN too)
+    nan_grad   put a NaN into the first gradient buffer after backward
+    hang       sleep forever at the matching phase boundary
+
+Examples: "nan_loss:step=3-4", "nan_loss:attempt=5-7", "nan_grad:step=7:rank=1", "hang:rank=1:step=3:phase=forward_backward".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+ENV = "MEGATRON_TTS_FAULT"
+
+
+@dataclass
+class Spec:
+    kind: str
+    match: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, **context) -> bool:
+        for key, want in self.match.items():
+            have = context.get(key)
+            if have is None:
+                return False
+            if key in ("step", "attempt"):
+                if int(have) not in _steps(want):
+                    return False
+            elif str(have) != want:
+                return False
+        return True
+
+
+def _steps(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.update(range(int(a), int(b) + 1))
+        else:
+            out.add(int(part))
+    return out
+
+
+def parse(text: str) -> list[Spec]:
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        kind, *pairs = item.split(":")
+        match = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            match[key] = value
+        specs.append(Spec(kind, match))
+    return specs
+
+
+_SPECS = parse(os.environ.get(ENV, ""))
+
+
+def active(kind: str, **context) -> bool:
+    """True when a spec of this kind matches the context (step=, rank=, phase=, ...)."""
+    return any(s.kind == kind and s.matches(**context) for s in _SPECS)
+
+
+def maybe_inject(phase: str, step: int, rank: int, **context) -> None:
+    """Phase-boundary faults (hang)."""
+    if _SPECS and active("hang", phase=phase, step=step, rank=rank, **context):
+        while True:  # a rank that never returns, as a wedged collective or a dead GPU would
+            time.sleep(3600)

@@ -24,6 +24,7 @@ import json
 import os
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
@@ -828,13 +829,20 @@ def _iter_groups(members: Iterable[_Member], url: str) -> Iterator[_Group]:
         yield cur
 
 
+# numpy parses .npy headers with ast.literal_eval, which is not thread-safe on some CPython
+# releases (gh-106905; seen here on 3.11.7 as "SystemError: AST constructor recursion depth
+# mismatch" when loader threads parse at once): a good sample would be counted as damaged.
+_NPY_LOCK = threading.Lock()
+
+
 def _decode_sample(url: str, key: str, parts: dict[str, bytes]) -> Sample:
     missing = [ext for ext in MEMBER_EXTS if ext not in parts]
     if missing:
         have = ", ".join(sorted(parts)) or "nothing"
         raise SampleError(url, f"missing member(s) {[f'{key}.{x}' for x in missing]} (has: {have})", key=key)
     try:
-        codes = np.load(io.BytesIO(parts[EXT_CODES]), allow_pickle=False)
+        with _NPY_LOCK:
+            codes = np.load(io.BytesIO(parts[EXT_CODES]), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError/... for bad npy
         raise SampleError(url, f"bad npy in {key}.{EXT_CODES}: {type(e).__name__}: {e}", key=key) from e
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu" or codes.ndim != 2:

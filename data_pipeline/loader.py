@@ -67,6 +67,9 @@ class Batch:
         n_targets: tokens with loss_mask 1.
         pack_ids: global pack index (cursor position) of each row.
         epochs: epoch of each row's pack.
+        source: int16 [B, S]; index into PackedLoader.sources (the data.paths entry) of each token's
+            document, -1 on padding.
+        audio_seconds: seconds of audio of the documents in the micro-batch (codec frames / frame rate).
     """
 
     tokens: torch.Tensor
@@ -81,14 +84,17 @@ class Batch:
     n_targets: int
     pack_ids: list[int]
     epochs: list[int]
+    source: torch.Tensor | None = None
+    audio_seconds: float = 0.0
 
     _TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "segment", "attention_mask")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor moved to ``device``."""
         moved = {n: getattr(self, n).to(device, non_blocking=non_blocking) for n in self._TENSORS}
+        source = None if self.source is None else self.source.to(device, non_blocking=non_blocking)
         return Batch(**moved, sample_keys=self.sample_keys, n_tokens=self.n_tokens, n_targets=self.n_targets,
-                     pack_ids=self.pack_ids, epochs=self.epochs)
+                     pack_ids=self.pack_ids, epochs=self.epochs, source=source, audio_seconds=self.audio_seconds)
 
 
 def build_attention_mask(document_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -126,6 +132,15 @@ def build_attention_mask(document_ids: torch.Tensor | np.ndarray) -> torch.Tenso
     return torch.from_numpy(out)
 
 
+def _frame_rate(codec: dict) -> float | None:
+    """Codec frames per second of audio (xcodec2: 50), or None if the index does not say."""
+    try:
+        rate = float(codec.get("frame_rate"))
+    except (TypeError, ValueError):
+        return None
+    return rate if rate > 0 else None
+
+
 @functools.lru_cache(maxsize=4)
 def _upper_triangle(s: int) -> np.ndarray:
     t = ~np.tri(s, dtype=bool)
@@ -144,17 +159,22 @@ class PackRow:
     document_ids: np.ndarray
     segment: np.ndarray
     n_tokens: int
+    source: np.ndarray | None = None
+    audio_seconds: float = 0.0
 
 
-def build_pack_row(docs: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> PackRow:
+def build_pack_row(docs: Sequence[Encoded], seq_len: int, pad_id: int = 0, sources: Sequence[int] | None = None,
+                   audio_seconds: float = 0.0) -> PackRow:
     """Lay documents out left to right in one row of ``seq_len`` and derive the
-    next-token targets (never across a document boundary)."""
+    next-token targets (never across a document boundary). ``sources``: each document's source
+    index (the row's ``source`` array, -1 on padding)."""
     tokens = np.full(seq_len, pad_id, dtype=np.int64)
     labels = np.full(seq_len, pad_id, dtype=np.int64)
     loss_mask = np.zeros(seq_len, dtype=np.float32)
     position_ids = np.zeros(seq_len, dtype=np.int64)
     document_ids = np.full(seq_len, -1, dtype=np.int32)
     segment = np.full(seq_len, -1, dtype=np.int8)
+    source = np.full(seq_len, -1, dtype=np.int16) if sources is not None else None
     p = 0
     for d, enc in enumerate(docs):
         n = len(enc)
@@ -166,8 +186,10 @@ def build_pack_row(docs: Sequence[Encoded], seq_len: int, pad_id: int = 0) -> Pa
         segment[p : p + n - 1] = enc.segment[1:]
         position_ids[p : p + n] = np.arange(n)
         document_ids[p : p + n] = d
+        if source is not None:
+            source[p : p + n] = sources[d]
         p += n
-    return PackRow(tokens, labels, loss_mask, position_ids, document_ids, segment, p)
+    return PackRow(tokens, labels, loss_mask, position_ids, document_ids, segment, p, source, audio_seconds)
 
 
 def _collate(rows: Sequence[PackRow], keys: list[list[str]], pack_ids: list[int], epochs: list[int]) -> Batch:
@@ -190,6 +212,8 @@ def _collate(rows: Sequence[PackRow], keys: list[list[str]], pack_ids: list[int]
         n_targets=n_targets,
         pack_ids=pack_ids,
         epochs=epochs,
+        source=stack("source") if all(r.source is not None for r in rows) else None,
+        audio_seconds=sum(r.audio_seconds for r in rows),
     )
 
 
@@ -304,6 +328,7 @@ class PackedLoader:
         self._check_dp(dp_rank, dp_size)
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
 
+        self.sources: list[str] = []  # one name per entry of paths: its dataset name (index.json)
         self._shard_urls, self._indexes = self._load_indexes(self.paths)
         self._shard_names = [fs.basename(u) for u in self._shard_urls]
         self._dataset_fingerprint = self._fingerprint()
@@ -359,6 +384,8 @@ class PackedLoader:
     def _load_indexes(self, paths: list[str]) -> tuple[list[str], list[shards.ShardIndex]]:
         urls: list[str] = []
         summaries: list[shards.ShardSummary] = []
+        shard_source: list[int] = []
+        frame_rates: list[float] = []
         for path in paths:
             if not fs.exists(path):
                 raise DataConfigError(f"dataset path {path} does not exist")
@@ -369,6 +396,13 @@ class PackedLoader:
             self._check_codec(path, ds.codec)
             urls.extend(ds.shard_urls())
             summaries.extend(ds.shards)
+            shard_source.extend([len(self.sources)] * len(ds.shards))
+            frame_rates.append(_frame_rate(ds.codec))
+            name = ds.name or fs.basename(path.rstrip("/"))
+            self.sources.append(name if name not in self.sources else f"{name}#{len(self.sources)}")
+        # per shard: which paths entry it came from; per source: codec frames per second of audio
+        self._shard_source = shard_source
+        self._frame_rates = frame_rates
         if not urls:
             raise DataConfigError(f"dataset(s) {', '.join(paths)} contain no shards")
 
@@ -599,12 +633,18 @@ class PackedLoader:
         for p in packs:
             encs: list[Encoded] = []
             keys: list[str] = []
+            srcs: list[int] = []
+            seconds = 0.0
             for s, k in zip(p.shards, p.indices):
                 enc = docs[(s, k)]
                 if enc is not None:
                     encs.append(enc)
                     keys.append(self._key(s, k))
-            rows.append((build_pack_row(encs, self.seq_len, self.pad_id), keys))
+                    src = self._shard_source[s]
+                    srcs.append(src)
+                    entry, rate = self._indexes[s].samples[k], self._frame_rates[src]
+                    seconds += entry.n_frames / rate if rate else entry.duration_s
+            rows.append((build_pack_row(encs, self.seq_len, self.pad_id, srcs, seconds), keys))
         return rows, counters, bad
 
     def _build_step(self, gen: _Gen) -> _Step:

@@ -3,7 +3,9 @@
     torchrun --nproc-per-node N -m launch.pretrain --config configs/<recipe>.yaml [dotted.key=value ...]
 
 Exit codes follow megatron_tts.exit_codes: 0 done, 3 fatal (bad config or data: do not
-requeue), 1 any other failure.
+requeue), 75 requeue (SIGTERM, SIGINT or SIGUSR1: a committed checkpoint was saved at the next
+step boundary; or a hang caught by the watchdog), 1 any other failure. Each process also writes
+its code to RUN_DIR/exit/rank_XXXXX.json (torchrun's own code is 1 whenever a worker fails).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import sys
 import warnings
 
-from megatron_tts.exit_codes import EXIT_FATAL
+from megatron_tts import signals
+from megatron_tts.exit_codes import EXIT_CRASH, EXIT_FATAL, clear_exit_record, exit_record_path, record_exit
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,6 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a stop signal during the imports and start-up below must not kill the process
+    # (the default action); it is acted on at the first step boundary.
+    signals.install()
     parser = argparse.ArgumentParser(prog="python -m launch.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
@@ -38,17 +44,56 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine|absl).*")
     user_errors = _user_errors()
+    run_dir, rank = None, int(os.environ.get("RANK", 0))
     try:
         from megatron_tts.config import load_config
         from megatron_tts.train import run_training
 
-        return run_training(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        run_dir = cfg.train.run_dir
+        clear_exit_record(run_dir, rank)  # a previous incarnation's code must not stand for this one
+        return run_training(cfg)  # writes RUN_DIR/exit/rank_XXXXX.json once it has started
     except user_errors as e:
         # Every rank reports: an input error seen by one rank only must not be silent.
         prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        if run_dir is not None:
+            record_exit(run_dir, rank, EXIT_FATAL, error=str(e)[:2000])
         return EXIT_FATAL
+    except BaseException as e:
+        if run_dir is not None and not os.path.exists(exit_record_path(run_dir, rank)):
+            record_exit(run_dir, rank, EXIT_CRASH, error=repr(e)[:2000])  # failed during set-up
+        raise
+    finally:
+        signals.ignore_from_now()  # the code is decided: a late signal must not turn it into -15
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, whatever helper processes are still around.
+
+    megatron-core's checkpoint writers start multiprocessing helpers, shielded from stop
+    signals (megatron_tts.signals); Python's atexit joins such children and can wait forever
+    for one that never quits, leaving a finished job hanging with its code unreported.
+    Everything of ours was closed in run_training's `finally`."""
+    import logging
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as e:  # argparse errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_CRASH
+    _exit(code)

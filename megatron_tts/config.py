@@ -93,8 +93,11 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs tp > 1)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
-    timeout_s: float = 600.0
-    """Collective timeout in seconds."""
+    timeout_s: Optional[float] = None
+    """Collective timeout in seconds (gloo/NCCL); None = derived from the watchdog: its longest
+    window + watchdog.exit_grace_s + 60 s, rounded up to whole minutes (600 s with the defaults;
+    600 s when the watchdog is off). It must outlast the watchdog, so that a hang is reported by
+    the watchdog naming the stuck rank, not by an anonymous collective timeout."""
     ddp: Any = None
     """megatron-core DistributedDataParallelConfig fields (bucket_size, overlap_grad_reduce, ...)."""
 
@@ -198,9 +201,17 @@ class CheckpointConfig:
     dir: Optional[str] = None
     """Checkpoint directory; None = RUN_DIR/checkpoints."""
     keep_last: int = 3
-    """Committed checkpoints kept (older ones are pruned)."""
+    """Newest committed checkpoints kept; older ones are pruned (>= 1)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of N, forever (0 = none)."""
     async_save: bool = False
-    """Save with megatron-core's async dist_checkpointing (writes overlap training)."""
+    """Write through megatron-core's async dist_checkpointing (a forked writer per save): the
+    loop blocks only to plan and fork; the commit runs at a later step once every rank is done."""
+    mirror: Optional[str] = None
+    """Copy each committed checkpoint to this URL (s3://bucket/prefix, through s3fs) in the
+    background, COMMITTED last; failures alert and never stop training. None = no mirror."""
+    mirror_retries: int = 3
+    """Retries per mirrored checkpoint (exponential backoff from 1 s) before an ALERT."""
 
 
 @dataclass
@@ -213,6 +224,108 @@ class LoggingConfig:
     """Also log to wandb (offline unless WANDB_MODE says otherwise)."""
     wandb_project: str = "megatron-tts"
     """wandb project name."""
+    ledger: bool = False
+    """Write RUN_DIR/ledger/rank_XXXXX.jsonl: the sample keys each DP rank trained on per step
+    (an audit trail that no sample was lost or repeated)."""
+    wandb_mode: str = "offline"
+    """'offline' (no network; `wandb sync RUN_DIR/wandb/offline-run-*` uploads later) or 'online'
+    (opt-in: needs WANDB_API_KEY and network; without network wandb hangs ~100 s, then fails)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN_DIR/tensorboard (torch.utils.tensorboard)."""
+
+
+@dataclass
+class WatchdogConfig:
+    enabled: bool = True
+    """Detect hangs: a rank without progress dumps every thread's stack to RUN_DIR/hang/ and
+    exits 75 (requeue)."""
+    min_timeout_s: float = 120.0
+    """Shortest no-progress window of a steady step (the floor under k x p99)."""
+    k: float = 10.0
+    """Steady window = max(min_timeout_s, k x the p99 of the recent step times)."""
+    window_steps: int = 100
+    """Recent steps whose durations give the p99."""
+    first_step_timeout_s: float = 480.0
+    """Window until this process has completed a step (warm-up, lazy communicator set-up)."""
+    checkpoint_timeout_s: float = 480.0
+    """Window for resume loading, checkpoint saves and shutdown."""
+    exit_grace_s: float = 15.0
+    """After its dump, a rank that detected a hang waits this long before exiting, so its peers'
+    watchdogs fire and dump as well (they stall at most about one step later)."""
+
+
+@dataclass
+class MonitoringConfig:
+    phase_timers: bool = True
+    """Time each phase of a step into the record's phase_s (data, forward_backward, grad_sync,
+    optimizer, checkpoint, logging); no extra host sync (docs/monitoring.md)."""
+    nvtx: bool = True
+    """NVTX ranges around each step and phase, for Nsight Systems; a no-op without CUDA."""
+    memory: bool = True
+    """Record mem per logged step: CUDA allocated/reserved/peak GB and the process RSS."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one GPU for MFU; None = from the GPU name for bf16 (H100 SXM 989,
+    H200 989, A100 312, ...). MFU is null on CPU, with fp32, or on an unknown GPU unless set."""
+    gpu_stats: bool = True
+    """Sample utilization, memory, power, temperature, SM clock, throttle reasons and ECC errors of
+    the logging rank's node through NVML on a background thread ('gpu' events). Without NVML: one
+    log line, nothing else."""
+    gpu_stats_interval_s: float = 30.0
+    """Seconds between NVML samples (a 'gpu' event is written at the first logged step after each)."""
+    straggler_interval: int = 50
+    """Every N steps, all-gather each rank's mean busy step time (one small collective) and log
+    min/median/max ('rank_step_times' events); 0 = off."""
+    straggler_ratio: float = 1.1
+    """A rank whose busy time exceeds this multiple of the median is slow in that window."""
+    straggler_windows: int = 3
+    """Consecutive slow windows before a rank is flagged as a straggler (event + ALERT)."""
+
+
+@dataclass
+class AlertsConfig:
+    enabled: bool = True
+    """Log `ALERT <kind>: ...` and write an 'alert' event on a stall, a non-finite or skipped
+    step, a straggler, a throughput drop or a failed checkpoint (logging rank)."""
+    stall_s: float = 60.0
+    """A stall: no completed step for max(stall_s, 5 x the median recent step time) seconds
+    (checkpoint saves and loads excluded). Keep it under watchdog.min_timeout_s, which ends a
+    hung process."""
+    throughput_drop: float = 0.10
+    """Alert when the median tokens/s of the last throughput_recent steps falls more than this
+    fraction below the median of the throughput_window steps before them."""
+    throughput_window: int = 50
+    """Trailing steps whose median tokens/s is the baseline."""
+    throughput_recent: int = 5
+    """Most recent steps compared with the baseline (a median: one slow step is not a drop)."""
+    command: Optional[str] = None
+    """Run this command (split like a shell line, not run by a shell) for each alert, the alert's
+    JSON record on its stdin, off the training thread; failures are counted, never fatal."""
+    webhook: Optional[str] = None
+    """POST each alert's JSON record to this http(s) URL, off the training thread; failures are
+    counted, never fatal."""
+    timeout_s: float = 10.0
+    """Time limit of one alert command or webhook call."""
+
+
+@dataclass
+class ProfilingConfig:
+    nsys_steps: Optional[list[int]] = None
+    """[start, stop): open an Nsight Systems capture range (torch.cuda.profiler.start) before step
+    start and close it after step stop-1, on profiling.ranks. Run under `nsys profile
+    --capture-range=cudaProfilerApi --capture-range-end=stop`. Needs CUDA."""
+    torch_steps: Optional[list[int]] = None
+    """[start, stop): torch.profiler trace of those steps on profiling.ranks, written as a Chrome
+    trace to RUN_DIR/profile/torch_rankR_stepsA-B.json."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile (configured windows and the trigger file)."""
+    trigger_file: str = "PROFILE"
+    """Touching RUN_DIR/<trigger_file> (a new mtime) traces the next trigger_steps steps with the
+    torch profiler on profiling.ranks, without a restart; SIGUSR2 does the same on the worker
+    that receives it."""
+    trigger_steps: int = 5
+    """Steps traced per trigger."""
+    trigger_check_s: float = 2.0
+    """Seconds between checks of the trigger file (one stat; 0 = every step)."""
 
 
 @dataclass
@@ -233,6 +346,14 @@ class Config:
     """Step guard: NaN/spike skipping, skip budget, rollback."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and console output."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Hang detection."""
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    """Phase timers, throughput/MFU, memory, GPU stats, straggler detection."""
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    """Alerts: log lines, metrics events, optional command/webhook hooks."""
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    """Nsight Systems capture windows, torch.profiler traces, runtime triggers."""
 
     # ---- derived facts, computed from the tree (no state of their own) ----
     def dp_for(self, world_size: int) -> int:
@@ -244,6 +365,15 @@ class Config:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.train.run_dir, "checkpoints")
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """parallel.timeout_s, or derived so that it outlasts every watchdog window (see there)."""
+        if self.parallel.timeout_s is not None:
+            return self.parallel.timeout_s
+        if not self.watchdog.enabled:
+            return 600.0
+        return 60.0 * math.ceil((_watchdog_longest(self.watchdog) + self.watchdog.exit_grace_s + 60) / 60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +621,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"model.transformer.{k}: expected int, got {t[k]!r}")
             t = {**t, k: None}  # the checks below skip it
     p, tr = cfg.parallel, cfg.train
+    ddp = p.ddp if isinstance(p.ddp, dict) else {}
+    if ddp.get("average_in_collective") is True:
+        # the loss is a per-token sum divided by the global token count (calculate_per_token_loss),
+        # and megatron's DistributedDataParallel asserts gradients are summed, not averaged
+        problems.append("parallel.ddp.average_in_collective=true conflicts with the per-token loss "
+                        "(megatron's DDP asserts at wrap time); set it false or remove it")
     for name, v in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.steps", tr.steps),
                     ("train.micro_batch_size", tr.micro_batch_size),
                     ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", cfg.data.seq_len),
@@ -550,6 +686,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.loss_segments: {bad} unknown; choose from {list(SEGMENTS)}")
     if cfg.model.layer_spec not in ("auto", "te", "local"):
         problems.append(f"model.layer_spec: '{cfg.model.layer_spec}' unknown; use auto, te or local")
+    _validate_watchdog(cfg, problems)
+    _validate_checkpoint(cfg, problems)
+    _validate_monitoring(cfg, problems)
     g = cfg.guard
     if g.spike_action not in ("log", "skip"):
         problems.append(f"guard.spike_action: '{g.spike_action}' unknown; use log or skip")
@@ -582,6 +721,119 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("train.resume: use auto, never, or a checkpoint directory")
 
 
+def _watchdog_longest(w: WatchdogConfig) -> float:
+    return max(w.min_timeout_s, w.first_step_timeout_s, w.checkpoint_timeout_s)
+
+
+def _validate_checkpoint(cfg: Config, problems: list[str]) -> None:
+    c = cfg.checkpoint
+    if isinstance(c.keep_last, int) and c.keep_last < 1:
+        problems.append(f"checkpoint.keep_last: must be >= 1 (the newest committed checkpoint is always kept), "
+                        f"got {c.keep_last}")
+    if isinstance(c.keep_every, int) and c.keep_every < 0:
+        problems.append(f"checkpoint.keep_every: must be >= 0 (0 = none), got {c.keep_every}")
+    if isinstance(c.mirror_retries, int) and c.mirror_retries < 0:
+        problems.append(f"checkpoint.mirror_retries: must be >= 0, got {c.mirror_retries}")
+    if c.mirror is not None and not (isinstance(c.mirror, str) and c.mirror.startswith("s3://")
+                                     and len(c.mirror.rstrip("/")) > len("s3://")):
+        problems.append(f"checkpoint.mirror: expected s3://bucket[/prefix], got {c.mirror!r}")
+
+
+def _validate_watchdog(cfg: Config, problems: list[str]) -> None:
+    w = cfg.watchdog
+    bad = False
+    for name in ("min_timeout_s", "first_step_timeout_s", "checkpoint_timeout_s"):
+        v = getattr(w, name)
+        if isinstance(v, (int, float)) and v <= 0:
+            problems.append(f"watchdog.{name}: must be > 0 seconds, got {v}")
+            bad = True
+    if isinstance(w.k, (int, float)) and w.k < 1:
+        problems.append(f"watchdog.k: must be >= 1 (a multiple of the p99 step time), got {w.k}")
+    if isinstance(w.window_steps, int) and w.window_steps < 1:
+        problems.append(f"watchdog.window_steps: must be >= 1, got {w.window_steps}")
+    if isinstance(w.exit_grace_s, (int, float)) and w.exit_grace_s < 0:
+        problems.append(f"watchdog.exit_grace_s: must be >= 0, got {w.exit_grace_s}")
+        bad = True
+    t = cfg.parallel.timeout_s
+    if w.enabled and not bad and isinstance(t, (int, float)) and all(
+            isinstance(getattr(w, n), (int, float)) for n in ("min_timeout_s", "first_step_timeout_s",
+                                                              "checkpoint_timeout_s", "exit_grace_s")):
+        need = _watchdog_longest(w) + w.exit_grace_s + 10
+        if t < need:
+            problems.append(f"parallel.timeout_s={t:g} is shorter than the watchdog's longest window "
+                            f"({_watchdog_longest(w):g} s) + watchdog.exit_grace_s ({w.exit_grace_s:g} s) + 10 s: "
+                            f"a hang would surface as an anonymous collective timeout instead of naming the "
+                            f"stuck rank; set it >= {math.ceil(need)}, omit it (derived), or lower the watchdog's "
+                            f"timeouts")
+
+
+def _validate_monitoring(cfg: Config, problems: list[str]) -> None:
+    m, a, pr = cfg.monitoring, cfg.alerts, cfg.profiling
+
+    def positive(name: str, v: Any, strict: bool = True) -> None:
+        if isinstance(v, (int, float)) and (v <= 0 if strict else v < 0):
+            problems.append(f"{name}: must be {'>' if strict else '>='} 0, got {v}")
+
+    if cfg.logging.wandb_mode not in ("offline", "online"):
+        problems.append(f"logging.wandb_mode: '{cfg.logging.wandb_mode}' unknown; use offline or online")
+    positive("monitoring.gpu_stats_interval_s", m.gpu_stats_interval_s)
+    positive("monitoring.straggler_interval", m.straggler_interval, strict=False)
+    if m.peak_tflops is not None:
+        positive("monitoring.peak_tflops", m.peak_tflops)
+    if isinstance(m.straggler_ratio, (int, float)) and m.straggler_ratio <= 1:
+        problems.append(f"monitoring.straggler_ratio: must be > 1 (a multiple of the median), got {m.straggler_ratio}")
+    if isinstance(m.straggler_windows, int) and m.straggler_windows < 1:
+        problems.append(f"monitoring.straggler_windows: must be >= 1, got {m.straggler_windows}")
+    positive("alerts.stall_s", a.stall_s)
+    positive("alerts.timeout_s", a.timeout_s)
+    if isinstance(a.throughput_drop, (int, float)) and not 0 < a.throughput_drop < 1:
+        problems.append(f"alerts.throughput_drop: a fraction in (0, 1), got {a.throughput_drop}")
+    if isinstance(a.throughput_recent, int) and a.throughput_recent < 1:
+        problems.append(f"alerts.throughput_recent: must be >= 1, got {a.throughput_recent}")
+    elif isinstance(a.throughput_window, int) and isinstance(a.throughput_recent, int) \
+            and a.throughput_window < a.throughput_recent:
+        problems.append(f"alerts.throughput_window={a.throughput_window} must be >= alerts.throughput_recent="
+                        f"{a.throughput_recent}")
+    if a.command is not None:
+        import shlex
+
+        try:
+            if not shlex.split(a.command):
+                problems.append("alerts.command: empty; omit it or give a command line")
+        except ValueError as e:
+            problems.append(f"alerts.command: cannot be split like a shell line ({e}): {a.command!r}")
+    if a.webhook is not None and not (isinstance(a.webhook, str) and a.webhook.startswith(("http://", "https://"))):
+        problems.append(f"alerts.webhook: expected an http:// or https:// URL, got {a.webhook!r}")
+    windows = {}
+    for name in ("nsys_steps", "torch_steps"):
+        w = getattr(pr, name)
+        if w is None:
+            continue
+        if len(w) != 2 or not all(isinstance(x, int) for x in w) or not 1 <= w[0] < w[1]:
+            problems.append(f"profiling.{name}: expected [start, stop) with 1 <= start < stop, got {w!r}")
+        else:
+            windows[name] = w
+    if "nsys_steps" in windows and "torch_steps" in windows:
+        (a0, b0), (a1, b1) = windows["nsys_steps"], windows["torch_steps"]
+        if a0 < b1 and a1 < b0:
+            problems.append(f"profiling.nsys_steps={windows['nsys_steps']} and profiling.torch_steps="
+                            f"{windows['torch_steps']} overlap; profile one way at a time")
+    if pr.nsys_steps is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("profiling.nsys_steps: an Nsight Systems capture range needs CUDA "
+                            "(torch.cuda.profiler.start), and this machine has none; on CPU use "
+                            "profiling.torch_steps=[start,stop] for a torch.profiler trace")
+    if any(not isinstance(r, int) or r < 0 for r in pr.ranks):
+        problems.append(f"profiling.ranks: expected global ranks >= 0, got {pr.ranks!r}")
+    if isinstance(pr.trigger_steps, int) and pr.trigger_steps < 1:
+        problems.append(f"profiling.trigger_steps: must be >= 1, got {pr.trigger_steps}")
+    positive("profiling.trigger_check_s", pr.trigger_check_s, strict=False)
+    if not pr.trigger_file or os.sep in pr.trigger_file:
+        problems.append(f"profiling.trigger_file: a file name inside RUN_DIR, got {pr.trigger_file!r}")
+
+
 def _batch_problem(cfg: Config, dp: int) -> str:
     tr = cfg.train
     unit = tr.micro_batch_size * dp
@@ -608,6 +860,10 @@ def validate_world(cfg: Config, world_size: int) -> None:
             problems.append(f"parallel.dp={p.dp} but world size {world_size} / (tp x pp) = {dp}; omit parallel.dp")
         elif cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
             problems.append(_batch_problem(cfg, dp))
+    beyond = [r for r in cfg.profiling.ranks if r >= world_size]
+    if beyond:
+        problems.append(f"profiling.ranks: {beyond} not in this world of {world_size} process(es); "
+                        f"choose ranks below {world_size}")
     if problems:
         raise ConfigError(problems, "launch layout")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,12 +57,13 @@ def init_distributed(cfg: Config) -> Layout:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tp,
         pipeline_model_parallel_size=cfg.parallel.pp,
         virtual_pipeline_model_parallel_size=cfg.parallel.vpp,
-        distributed_timeout_minutes=max(1, int(cfg.parallel.timeout_s // 60)),
+        # rounded up: megatron's groups must not time out before the watchdog (config.py)
+        distributed_timeout_minutes=max(1, math.ceil(cfg.collective_timeout_s / 60)),
     )
     return Layout(
         rank=rank, world_size=world, local_rank=local_rank,

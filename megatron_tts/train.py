@@ -17,16 +17,17 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tts import cpu_compat, faults
-from megatron_tts.checkpoint import Checkpointer
+from megatron_tts import cpu_compat, faults, signals, watchdog
+from megatron_tts.checkpoint import CheckpointError, Checkpointer
 from megatron_tts.config import (Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict,
                                  vocab_layout)
 from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
 from megatron_tts.optim import build_optimizer, build_scheduler, fused_adam_available
 from megatron_tts.parallel import Layout, destroy_distributed, init_distributed
 from megatron_tts.step_guard import StepGuard, Verdict
-from megatron_tts.exit_codes import EXIT_FATAL
-from monitoring.metrics import MetricsLogger, WandbSink
+from megatron_tts.exit_codes import EXIT_CRASH, EXIT_FATAL, EXIT_REQUEUE, record_exit
+from monitoring.metrics import MetricsLogger, TensorBoardSink, WandbSink
+from monitoring.monitor import Monitor
 
 log = logging.getLogger("megatron_tts")
 
@@ -42,6 +43,7 @@ class TrainState:
     consumed_samples: int = 0  # packed sequences (global batch x steps), megatron's convention
     consumed_tokens: int = 0  # real (non-padding) tokens
     consumed_docs: int = 0  # utterances
+    consumed_audio_s: float = 0.0  # seconds of audio in those utterances (codec frames / frame rate)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +67,9 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     num_params: int = 0
     attempts: int = 0  # train_step calls in this process (not rolled back): fault-injection key
+    ledger: Optional[Any] = None  # JsonlWriter of sample keys per step (logging.ledger)
+    incarnation: Optional[str] = None
+    monitor: Optional[Monitor] = None  # timers, throughput/MFU, straggler, alerts, profiling
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def build_run(cfg: Config) -> Run:
     checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
                                 components={"train": state, "scheduler": scheduler, "loader": loader,
                                             "guard": guard},
-                                distributed_optimizer=cfg.optim.distributed, keep_last=cfg.checkpoint.keep_last)
+                                distributed_optimizer=cfg.optim.distributed, config=cfg.checkpoint)
     metrics = None
     if layout.rank == 0:
         os.makedirs(cfg.train.run_dir, exist_ok=True)
@@ -140,10 +145,33 @@ def build_run(cfg: Config) -> Run:
         with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
             f.write(text)
         log.info("resolved config (saved to %s/config.yaml):\n%s", cfg.train.run_dir, text)
+    ledger = None
+    if cfg.logging.ledger and layout.tp_rank == 0 and layout.pp_rank == 0:
+        from monitoring.metrics import JsonlWriter
+
+        ledger = JsonlWriter(os.path.join(cfg.train.run_dir, "ledger", f"rank_{layout.rank:05d}.jsonl"))
+    if cfg.logging.ledger:
+        # One id per incarnation of the job (restarts redo the steps after the last commit).
+        ids = [f"{time.time():.6f}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(ids, src=0)
+        run_incarnation = ids[0]
+    else:
+        run_incarnation = None
     if layout.is_logging_rank:
-        sinks = [WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg))] if cfg.logging.wandb else []
+        sinks = []
+        if cfg.logging.wandb:
+            sinks.append(WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg), cfg.logging.wandb_mode))
+        if cfg.logging.tensorboard:
+            sinks.append(TensorBoardSink(os.path.join(cfg.train.run_dir, "tensorboard")))
         metrics = MetricsLogger(cfg.train.run_dir, console=cfg.logging.console, extra_sinks=sinks)
-    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, state, num_params)
+    monitor = Monitor(cfg, layout, cfg.train.run_dir, metrics)  # every rank (a collective at set-up)
+    tcfg = cfg.model.transformer
+    tcfg.finalize_model_grads_func = monitor.wrap_grad_sync(tcfg.finalize_model_grads_func)
+    if metrics is not None:
+        checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
+    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, state, num_params,
+               ledger=ledger, incarnation=run_incarnation, monitor=monitor)
 
 
 def _global_param_count(chunks: list, layout: Layout) -> int:
@@ -209,7 +237,7 @@ def _packed_seq_params(batch) -> Any:
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def _loss_func(batch, speech_segments: torch.Tensor, poison: bool, output_tensor: torch.Tensor):
+def _loss_func(batch, speech_segments: torch.Tensor, n_sources: int, poison: bool, output_tensor: torch.Tensor):
     losses = output_tensor.float()
     if poison:  # fault injection (MEGATRON_TTS_FAULT=nan_loss:...): a real NaN through backward
         losses = losses * float("nan")
@@ -217,12 +245,19 @@ def _loss_func(batch, speech_segments: torch.Tensor, poison: bool, output_tensor
     is_speech = torch.isin(batch.segment.long(), speech_segments).float() * mask
     is_text = mask - is_speech
     loss_sum = (losses * mask).sum()
-    report = torch.stack([loss_sum.detach(), mask.sum(), (losses * is_speech).sum().detach(), is_speech.sum(),
-                          (losses * is_text).sum().detach(), is_text.sum()])
+    masked = (losses * mask).detach()
+    # per data source (the data.paths entry of each token's document; bin 0 = padding), no host sync
+    bins = (batch.source.long() + 1).flatten()
+    by_source = torch.zeros(2, n_sources + 1, device=losses.device)
+    by_source[0].scatter_add_(0, bins, masked.flatten())
+    by_source[1].scatter_add_(0, bins, mask.flatten())
+    report = torch.cat([torch.stack([loss_sum.detach(), mask.sum(), (losses * is_speech).sum().detach(),
+                                     is_speech.sum(), (losses * is_text).sum().detach(), is_text.sum()]),
+                        by_source[:, 1:].flatten()])
     return loss_sum, mask.sum().to(torch.int), {"lm": report}
 
 
-def make_forward_step(use_thd: bool, device: torch.device):
+def make_forward_step(use_thd: bool, device: torch.device, n_sources: int):
     from data_pipeline.layouts import SEGMENTS
 
     speech = torch.tensor([SEGMENTS.index(s) for s in _SPEECH_SEGMENTS], device=device)
@@ -235,77 +270,102 @@ def make_forward_step(use_thd: bool, device: torch.device):
                         packed_seq_params=_packed_seq_params(batch))
         else:
             out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
-        return out, partial(_loss_func, batch, speech, poison)
+        return out, partial(_loss_func, batch, speech, n_sources, poison)
 
     forward_step.poison = False
     return forward_step
 
 
+# The step statistics: one float64 vector, summed over every rank in the step's one all-reduce.
+# Each quantity is contributed once: losses by the last stage's TP rank 0, data counts by the
+# first stage's TP rank 0 (every DP rank reads and skips only its own samples).
+_LOSS = slice(0, 6)  # loss sum/count: all targets, speech, text
+_TOKENS, _DOCS, _BAD_SAMPLE, _BAD_SHARD, _NONFINITE, _STOP, _AUDIO = range(6, 13)
+_BY_SOURCE = 13  # then per-source loss sums, then per-source target counts
+
+
 def train_step(run: Run, batches: list, forward_step) -> dict:
     """One optimizer step over this rank's micro-batches, guarded. Returns global statistics."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    cfg, lay = run.cfg, run.layout
+    cfg, lay, mon = run.cfg, run.layout, run.monitor
     step = run.state.step + 1
     run.attempts += 1
-    for m in run.model:
-        m.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    forward_step.poison = faults.active("nan_loss", step=step, rank=lay.rank, attempt=run.attempts)
-    n_chunks = len(run.model)
-    iters = [iter(batches) for _ in range(n_chunks)]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iters if n_chunks > 1 else iters[0],
-        model=run.model if n_chunks > 1 else run.model[0],
-        num_microbatches=len(batches),
-        seq_length=cfg.data.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
-    )
-    if faults.active("nan_grad", step=step, rank=lay.rank, attempt=run.attempts):
-        run.model[0].buffers[0].grad_data[0] = float("nan")
-    # Each quantity is contributed once: losses by the last stage's TP rank 0, data counts by
-    # the first stage's TP rank 0 (every DP rank reads and skips only its own samples).
-    stats = torch.zeros(11, dtype=torch.float64)
-    loss_sum = None
-    if losses:
-        report = sum(entry["lm"].double().cpu() for entry in losses)
-        loss_sum = report[0]
-        if lay.tp_rank == 0:
-            stats[:6] = report
-    if lay.tp_rank == 0 and lay.pp_rank == 0:
-        loader_stats = run.loader.stats
-        stats[6] = sum(b.n_tokens for b in batches)
-        stats[7] = sum(len(row) for b in batches for row in b.sample_keys)
-        stats[8] = loader_stats.get("skipped_bad_sample", 0)
-        stats[9] = loader_stats.get("skipped_bad_shard", 0)
-    stats[10] = run.guard.prepare(run.model, loss_sum).cpu() if cfg.guard.enabled else 0.0
-    if dist.is_initialized():
-        # CPU-GPU sync point, the one per step (megatron's grad-norm reduction aside): global
-        # loss, token counts and the guard's non-finite flag, so every rank decides alike.
-        dist.all_reduce(stats)
-    loss = stats[0].item() / max(stats[1].item(), 1.0)
-    verdict = run.guard.judge(step, stats[10].item(), loss) if cfg.guard.enabled else Verdict(apply=True)
-    grad_norm = float("nan")
-    if verdict.apply:
-        ok, norm, _ = run.optimizer.step()
-        if ok:
-            run.scheduler.step(increment=1)
-        grad_norm = float(norm) if norm is not None else float("nan")
-    else:
-        # Dropped: no parameter, optimizer or scheduler state changes. The gradient buffers are
-        # zeroed at the start of the next step.
-        ok = False
+    n_src = len(run.loader.sources)
+    # (timing: forward_backward ends after the statistics all-reduce, the step's sync point, so
+    # that on GPU the queued forward/backward work is counted here and not in the optimizer)
+    with mon.phase("forward_backward"):
+        _phase("forward_backward", step, lay.rank)
+        for m in run.model:
+            m.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        forward_step.poison = faults.active("nan_loss", step=step, rank=lay.rank, attempt=run.attempts)
+        n_chunks = len(run.model)
+        iters = [iter(batches) for _ in range(n_chunks)]
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters if n_chunks > 1 else iters[0],
+            model=run.model if n_chunks > 1 else run.model[0],
+            num_microbatches=len(batches),
+            seq_length=cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False,
+        )
+        _phase("optimizer", step, lay.rank)
+        if faults.active("nan_grad", step=step, rank=lay.rank, attempt=run.attempts):
+            run.model[0].buffers[0].grad_data[0] = float("nan")
+        stats = torch.zeros(_BY_SOURCE + 2 * n_src, dtype=torch.float64)
+        loss_sum = None
+        if losses:
+            report = sum(entry["lm"].double().cpu() for entry in losses)
+            loss_sum = report[0]
+            if lay.tp_rank == 0:
+                stats[_LOSS] = report[:6]
+                stats[_BY_SOURCE:] = report[6:]
         if lay.tp_rank == 0 and lay.pp_rank == 0:
-            keys = [k for b in batches for row in b.sample_keys for k in row]
-            log.warning("step %d skipped (%s, dp rank %d): samples %s", step, verdict.reason, lay.dp_rank, keys)
+            loader_stats = run.loader.stats
+            stats[_TOKENS] = sum(b.n_tokens for b in batches)
+            stats[_DOCS] = sum(len(row) for b in batches for row in b.sample_keys)
+            stats[_BAD_SAMPLE] = loader_stats.get("skipped_bad_sample", 0)
+            stats[_BAD_SHARD] = loader_stats.get("skipped_bad_shard", 0)
+            stats[_AUDIO] = sum(b.audio_seconds for b in batches)
+        stats[_NONFINITE] = run.guard.prepare(run.model, loss_sum).cpu() if cfg.guard.enabled else 0.0
+        # one reduction per step: the stop-signal flag rides in the statistics all-reduce, which
+        # already spans the world (TP/PP/DP: every rank must stop at the same step), instead of a
+        # second collective and host sync of its own. Sum > 0: some rank got SIGTERM/INT/USR1.
+        stats[_STOP] = 1.0 if signals.requested() else 0.0
+        if dist.is_initialized():
+            # CPU-GPU sync point, the one per step (megatron's grad-norm reduction aside): global
+            # loss, token counts and the guard's non-finite flag, so every rank decides alike.
+            # (NCCL reduces device tensors only; on gloo the device is the CPU.)
+            stats = stats.to(lay.device)
+            with mon.span("stats_sync"):  # time spent waiting for peers: not this rank's own work
+                dist.all_reduce(stats)
+            stats = stats.cpu()
+    with mon.phase("optimizer"):
+        loss = stats[0].item() / max(stats[1].item(), 1.0)
+        verdict = run.guard.judge(step, stats[_NONFINITE].item(), loss) if cfg.guard.enabled else Verdict(apply=True)
+        grad_norm = float("nan")
+        if verdict.apply:
+            ok, norm, _ = run.optimizer.step()
+            if ok:
+                run.scheduler.step(increment=1)
+            grad_norm = float(norm) if norm is not None else float("nan")
+        else:
+            # Dropped: no parameter, optimizer or scheduler state changes. The gradient buffers are
+            # zeroed at the start of the next step.
+            ok = False
+            if lay.tp_rank == 0 and lay.pp_rank == 0:
+                keys = [k for b in batches for row in b.sample_keys for k in row]
+                log.warning("step %d skipped (%s, dp rank %d): samples %s", step, verdict.reason, lay.dp_rank, keys)
+    by_source = stats[_BY_SOURCE:].view(2, n_src).tolist()
     return {"ok": bool(ok), "verdict": verdict, "grad_norm": grad_norm, "loss": loss,
             "loss_sum": stats[0].item(), "n_loss": stats[1].item(), "speech_sum": stats[2].item(),
             "n_speech": stats[3].item(), "text_sum": stats[4].item(), "n_text": stats[5].item(),
-            "tokens": int(stats[6].item()), "docs": int(stats[7].item()),
-            "skipped_bad_sample": int(stats[8].item()), "skipped_bad_shard": int(stats[9].item())}
+            "tokens": int(stats[_TOKENS].item()), "docs": int(stats[_DOCS].item()),
+            "audio_s": stats[_AUDIO].item(), "source_sums": by_source[0], "source_counts": by_source[1],
+            "skipped_bad_sample": int(stats[_BAD_SAMPLE].item()), "skipped_bad_shard": int(stats[_BAD_SHARD].item()),
+            "stop": stats[_STOP].item() > 0}
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,17 +374,40 @@ def train_step(run: Run, batches: list, forward_step) -> dict:
 
 
 def run_training(cfg: Config) -> int:
-    run = build_run(cfg)
+    signals.install()  # idempotent (launch.pretrain installs them before importing torch)
+    with signals.helpers_shielded():  # torchrun's killpg must not kill set-up's helper processes
+        run = build_run(cfg)
+    watchdog.start(cfg.watchdog, cfg.train.run_dir, run.layout.rank)
+    code = EXIT_CRASH
     try:
-        return _loop(run)
-    except GuardFatal as e:
+        code = _loop(run)
+        run.checkpointer.wait(run.state.step)  # an async save in flight commits (or alerts) before exit
+        return code
+    except (GuardFatal, CheckpointError) as e:  # CheckpointError: none verifies, or an unsafe one
         log.error("fatal: %s", e)
-        return EXIT_FATAL
+        code = EXIT_FATAL
+        return code
+    except BaseException:
+        watchdog.exit_if_fired()  # a hang was declared here: this error is its echo; exit 75
+        raise
     finally:
+        watchdog.shutting_down(run.state.step, code)
+        record_exit(cfg.train.run_dir, run.layout.rank, code, step=run.state.step, signal=signals.signal_name())
+        run.checkpointer.close()  # local: abandons an uncommitted async writer on an error path
         run.loader.close()
+        run.monitor.close()  # before the metrics it writes to: closes a profile window, stops its threads
         if run.metrics:
             run.metrics.close()
+        if run.ledger:
+            run.ledger.close()
         destroy_distributed()
+        watchdog.stop()
+
+
+def _phase(name: str, step: int, rank: int) -> None:
+    """A phase boundary: heartbeat for the hang watchdog, then any injected fault (both ~free)."""
+    watchdog.beat(name, step)
+    faults.maybe_inject(name, step, rank)
 
 
 def _loop(run: Run) -> int:
@@ -337,38 +420,92 @@ def _loop(run: Run) -> int:
                  "transformer-engine" if uses_transformer_engine(cfg) else "megatron local",
                  "fused Adam (apex/TE)" if fused_adam_available() else "torch AdamW")
     use_thd = uses_transformer_engine(cfg)
-    forward_step = make_forward_step(use_thd, lay.device)
+    forward_step = make_forward_step(use_thd, lay.device, len(run.loader.sources))
     stop_at = cfg.train.steps if cfg.train.stop_after is None else min(cfg.train.steps, st.step + cfg.train.stop_after)
     tokens_per_step_capacity = cfg.train.global_batch_size * cfg.data.seq_len
+    saved_step = resumed  # the step whose committed checkpoint equals the state in memory
+    mon = run.monitor
     while st.step < stop_at:
+        mon.step_begin(st.step + 1)
         t0 = time.perf_counter()
-        batches = run.loader.next_step()
+        with mon.phase("data"):
+            _phase("data", st.step + 1, lay.rank)
+            batches = run.loader.next_step()
         t_data = time.perf_counter() - t0
         out = train_step(run, batches, forward_step)
         step_time = time.perf_counter() - t0
+        mon.on_verdict(st.step + 1, out["verdict"], run.guard.counters())
         if out["verdict"].fatal:
             log.error("step %d: the skip budget ran out again after %d rollbacks without a new committed "
                       "checkpoint; stopping (fatal, do not requeue). Inspect the flagged samples above.",
                       st.step + 1, cfg.guard.max_rollbacks)
             return EXIT_FATAL
         if out["verdict"].rollback:
-            rollback(run)
+            _phase("checkpoint", st.step, lay.rank)
+            with mon.phase("checkpoint"):
+                rollback(run)
+            saved_step = None  # the loader now skips the window: not what the checkpoint holds
+            if out["stop"]:
+                return _requeue_stop(run, saved_step)
             continue
         st.step += 1
-        st.consumed_samples += cfg.train.global_batch_size
-        st.consumed_tokens += out["tokens"]
-        st.consumed_docs += out["docs"]
-        if run.metrics and (st.step % cfg.logging.interval == 0 or st.step == stop_at or st.step == 1):
-            run.metrics.log(_record(run, out, step_time, t_data, tokens_per_step_capacity))
-        if st.step % cfg.checkpoint.interval == 0 or st.step == stop_at:
-            path = run.checkpointer.save(st.step)
-            run.guard.committed()
-            if run.metrics:
-                run.metrics.event({"event": "checkpoint", "step": st.step, "path": path,
-                                   "blocking_s": round(run.checkpointer.last_save_blocking_s, 4)})
+        watchdog.record_step(step_time)
+        with mon.phase("logging"):
+            _phase("logging", st.step, lay.rank)
+            if run.ledger:
+                run.ledger.write({"step": st.step, "dp_rank": lay.dp_rank, "dp_size": lay.dp,
+                                  "incarnation": run.incarnation, "applied": out["ok"], "rows": [
+                                      {"pack": p, "epoch": e, "keys": keys} for b in batches
+                                      for p, e, keys in zip(b.pack_ids, b.epochs, b.sample_keys)]})
+            st.consumed_samples += cfg.train.global_batch_size
+            st.consumed_tokens += out["tokens"]
+            st.consumed_docs += out["docs"]
+            st.consumed_audio_s += out["audio_s"]
+            logged = st.step % cfg.logging.interval == 0 or st.step == stop_at or st.step == 1
+            fields = mon.step_end(st.step, out, step_time, logged)  # every rank (straggler all_gather)
+            if run.metrics and logged:
+                run.metrics.log({**_record(run, out, step_time, t_data, tokens_per_step_capacity), **fields})
+        with mon.phase("checkpoint"):
+            run.checkpointer.poll(st.step)  # commits a finished async save (collective, cheap)
+            if st.step % cfg.checkpoint.interval == 0 or st.step == stop_at:
+                if _save(run):  # a failed save leaves nothing to skip at a stop
+                    saved_step = st.step
+        if out["stop"] and st.step < stop_at:  # a stop signal reached some rank (signals.py)
+            return _requeue_stop(run, saved_step)
     if lay.rank == 0:
         log.info("stopped at step %d (resumed from %s); run dir %s", st.step, resumed, cfg.train.run_dir)
     return 0
+
+
+def _save(run: Run) -> str:
+    _phase("checkpoint", run.state.step, run.layout.rank)
+    path = run.checkpointer.save(run.state.step)  # emits the checkpoint / checkpoint_failed events
+    if path:  # None: the save failed (ALERT logged); training goes on
+        run.guard.committed()
+    return path
+
+
+def _requeue_stop(run: Run, saved_step: Optional[int]) -> int:
+    """Every rank agreed to stop at this step boundary: commit this step (unless it already is)
+    and exit EXIT_REQUEUE. Further signals are ignored meanwhile (signals.py)."""
+    st = run.state
+    if saved_step != st.step:
+        path = _save(run)
+    else:
+        latest = run.checkpointer.latest()
+        path = latest[1] if latest else None
+    got = signals.signal_name()
+    who = f"{got} on this rank" if got else "signal on another rank"
+    if path:
+        log.warning("stop requested (%s): checkpoint %s at step %d; exiting %d (requeue)", who, path, st.step,
+                    EXIT_REQUEUE)
+    else:  # still 75: the newest committed checkpoint is older but valid, a resume repeats the steps since
+        log.error("stop requested (%s): the checkpoint at step %d failed; exiting %d (requeue) to resume from "
+                  "the newest committed one", who, st.step, EXIT_REQUEUE)
+    if run.metrics:
+        run.metrics.event({"event": "stop", "step": st.step, "path": path, "signal": got,
+                           "signal_time": signals.received_at(), "time": time.time(), "exit_code": EXIT_REQUEUE})
+    return EXIT_REQUEUE
 
 
 def rollback(run: Run) -> None:
@@ -405,6 +542,9 @@ def _record(run: Run, out: dict, step_time: float, t_data: float, capacity: int)
         "loss": out["loss"],
         "loss_speech": out["speech_sum"] / out["n_speech"] if out["n_speech"] else None,
         "loss_text": out["text_sum"] / out["n_text"] if out["n_text"] else None,
+        "loss_by_source": {name: total / n if n else None
+                           for name, total, n in zip(run.loader.sources, out["source_sums"], out["source_counts"])},
+        "audio_hours": st.consumed_audio_s / 3600.0,
         "lr": run.optimizer.param_groups[0]["lr"],
         "grad_norm": out["grad_norm"],
         "tokens_per_s": out["tokens"] / step_time,

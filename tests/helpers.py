@@ -47,11 +47,112 @@ def env() -> dict:
     return e
 
 
+def pretrain_cmd(run_dir: str, overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml",
+                 torchrun: bool = True, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    args = ["-m", "launch.pretrain", "--config", config, f"train.run_dir={run_dir}", *overrides]
+    if not torchrun:  # a plain single process, as `python -m launch.pretrain`
+        return [sys.executable, *args]
+    return TORCHRUN + ["--nproc-per-node", str(nproc), "--log-dir", os.path.join(run_dir, "torchrun"),
+                       *torchrun_args, *args]
+
+
 def pretrain(run_dir: str, overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml",
              timeout: float = 240, extra_env: dict | None = None) -> RunResult:
-    cmd = TORCHRUN + ["--nproc-per-node", str(nproc), "--log-dir", os.path.join(run_dir, "torchrun"),
-                      "-m", "launch.pretrain", "--config", config, f"train.run_dir={run_dir}", *overrides]
     e = env()
     e.update(extra_env or {})
-    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(pretrain_cmd(run_dir, overrides, nproc, config), cwd=REPO, env=e, capture_output=True,
+                       text=True, timeout=timeout)
     return RunResult(p.returncode, p.stdout + p.stderr, run_dir)
+
+
+def start_pretrain(run_dir: str, overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml",
+                   extra_env: dict | None = None, torchrun: bool = True,
+                   torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a run without waiting (to signal it); its output goes to RUN_DIR/output.log.
+    `finish(proc, run_dir)` waits and returns the RunResult. torchrun=False starts a plain
+    `python -m launch.pretrain` (one process)."""
+    e = env()
+    e.update(extra_env or {})
+    os.makedirs(run_dir, exist_ok=True)
+    out = open(os.path.join(run_dir, "output.log"), "ab")
+    try:
+        return subprocess.Popen(pretrain_cmd(run_dir, overrides, nproc, config, torchrun, torchrun_args), cwd=REPO, env=e,
+                                stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()  # the child holds its own copy
+
+
+def finish(proc: subprocess.Popen, run_dir: str, timeout: float = 240) -> RunResult:
+    """Wait for a started run (killing its whole tree if it overruns) and collect its result."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.wait()
+    with open(os.path.join(run_dir, "output.log"), errors="replace") as f:
+        return RunResult(proc.returncode, f.read(), run_dir)
+
+
+def workers(proc: subprocess.Popen, nproc: int, timeout: float = 60) -> dict[int, "object"]:
+    """rank -> psutil.Process of a torchrun agent's worker processes (its children with RANK set)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in psutil.Process(proc.pid).children():
+            try:
+                rank = child.environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None:
+                found[int(rank)] = child
+        if len(found) == nproc:
+            return found
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"torchrun agent {proc.pid} did not show {nproc} workers")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (test clean-up only; by pid, never by name)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def wait_for_step(run_dir: str, step: int, proc: subprocess.Popen | None = None, timeout: float = 120) -> int:
+    """Poll RUN_DIR/metrics.jsonl until a step record >= `step` appears; returns the newest step."""
+    import time
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            steps = []
+            with open(path) as f:
+                for line in f:
+                    try:  # a line being written right now may be incomplete
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "loss" in r:
+                        steps.append(r["step"])
+            if steps and max(steps) >= step:
+                return max(steps)
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the run exited ({proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {path} after {timeout} s")

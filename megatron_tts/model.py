@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from typing import Optional
 
 import torch
 
@@ -64,7 +65,7 @@ def _local_block_spec(cfg: Config, layer, vp_stage):
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LocalRMSNorm)
 
 
-def build_model_chunks(cfg: Config) -> list[torch.nn.Module]:
+def build_model_chunks(cfg: Config, device: Optional[torch.device] = None) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -89,7 +90,7 @@ def build_model_chunks(cfg: Config) -> list[torch.nn.Module]:
             rope_scaling_factor=cfg.model.rope_scaling_factor,
             vp_stage=stage,
         )
-        chunks.append(model.to(_device()))
+        chunks.append(model.to(device or _device()))
     if cfg.model.init == "layout_invariant":
         for chunk in chunks:
             init_layout_invariant(chunk, cfg)

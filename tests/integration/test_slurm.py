@@ -125,8 +125,12 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, uninterrupted, tmp
                    "the requeue (PENDING, Restarts=1)")
     t_requeued = time.monotonic()
     # Release it only once both nodes have finished tearing the first incarnation down
-    # (COMPLETING): on a loaded machine that can outlast the requeue.
+    # (COMPLETING), and not within the second of the requeue: slurmd compares the new launch
+    # credential's creation time with the requeue's revocation in whole seconds, and a launch in
+    # the same second fails ("Killing non-startable batch JobId=N: Job credential revoked",
+    # seen in CI). Slurm's own BeginTime hold after a requeue exists for this.
     slurm._wait_idle(120)
+    time.sleep(2.0)
     slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
     info = finished(slurm, job, out, 240)
     time.sleep(1.0)

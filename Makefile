@@ -11,6 +11,9 @@ DEMO_RUN ?= runs/demo
 DEMO_DATA ?= $(DEMO_RUN)/data
 DEMO_STEPS ?= 300
 NPROC ?= 2
+# Test files run in parallel (pytest-xdist, one file per worker: its module fixtures are built once);
+# most of a test's time is process start-up and waits.
+TEST_WORKERS ?= 3
 
 .PHONY: install demo test test-fast demo-data clean help
 
@@ -59,7 +62,7 @@ demo: demo-data
 	$(BIN)/python -m launch.summary $(DEMO_RUN) --data $(DEMO_DATA)
 
 test: install
-	$(BIN)/python -m pytest -q -ra --timeout 600 --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --timeout 600 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

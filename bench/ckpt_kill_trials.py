@@ -30,7 +30,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -63,28 +62,21 @@ def _build(root: str, async_save: bool, on_event=None):
     """A world of one with the model, optimizer (with Adam states) and a Checkpointer."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()))
-    import torch
 
-    from megatron_tts.checkpoint import Checkpointer
-    from megatron_tts.model import build_model_chunks
-    from megatron_tts.optim import build_optimizer
+    from megatron_tts.checkpoint.checkpointer import Checkpointer
     from megatron_tts.parallel import init_distributed
-    from megatron_tts.train import TrainState, wrap_ddp
+    from megatron_tts.train.build import TrainState, build_model_and_optimizer
 
     cfg = _config(root, async_save)
     layout = init_distributed(cfg)
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    model = wrap_ddp(cfg, build_model_chunks(cfg))
-    optimizer = build_optimizer(cfg, model)
+    model, optimizer, _ = build_model_and_optimizer(cfg, seed=0)
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
     optimizer.step()  # creates the Adam moments (loading needs them)
     state = TrainState()
-    ck = Checkpointer(root, layout, model, optimizer, {"train": state}, config=cfg.checkpoint, on_event=on_event)
+    ck = Checkpointer(root, layout, model, optimizer, {"train": state}, config=cfg.checkpoint,
+                      distributed_optimizer=False, seed=0, on_event=on_event)
     return model, optimizer, state, ck
 
 
@@ -237,15 +229,15 @@ def main() -> int:
                         format="    [%(process)d] %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron", "megatron.core", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from megatron_tts import cpu_compat
+    from megatron_tts import compat
 
-    cpu_compat.apply()
-    import megatron.core  # noqa: F401
-    import megatron_tts.checkpoint  # noqa: F401
+    compat.activate()
+    import megatron_tts.checkpoint.checkpointer  # noqa: F401
     import megatron_tts.model  # noqa: F401
     import megatron_tts.train  # noqa: F401
+    from megatron_tts.compat import dist_ckpt
 
-    megatron_tts.checkpoint._results_queue_warmup()  # megatron's writer-results Manager: started once, inherited
+    dist_ckpt.results_queue_warmup()  # megatron's writer-results Manager: started once, inherited
     ctx = mp.get_context("fork")
     tmp = None
     root = a.dir

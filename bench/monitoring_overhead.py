@@ -1,7 +1,7 @@
 """Monitoring overhead: steps/s with everything on vs everything off, side by side in one job.
 
 One torchrun job (2 processes, gloo, DP=2) builds the tiny recipe once, then alternates
-segments of the real training loop (megatron_tts.train._loop) with two monitors swapped in:
+segments of the real training loop (megatron_tts.train.loop._loop) with two monitors swapped in:
 
     on   phase timers, NVTX, memory, GPU stats thread, straggler all_gather every N steps,
          alerts (stall thread, throughput watch, a command hook), wandb offline, TensorBoard
@@ -76,7 +76,10 @@ def worker(a: argparse.Namespace) -> int:
     from megatron_tts import signals
     from megatron_tts.config import load_config
     from megatron_tts.parallel import destroy_distributed
-    from megatron_tts.train import _loop, build_run
+    from megatron_tts.compat.mcore import finalize_model_grads
+    from megatron_tts.config import padded_vocab_size, resolve_dtype
+    from megatron_tts.train.build import build_run
+    from megatron_tts.train.loop import _loop
     from monitoring.metrics import MetricsLogger
     from monitoring.monitor import Monitor
 
@@ -85,7 +88,6 @@ def worker(a: argparse.Namespace) -> int:
     cfg_on = load_config("configs/tiny.yaml",
                          base + [f"train.run_dir={a.run_dir}/on"] + on_overrides(a.straggler_every))
     cfg_off = load_config("configs/tiny.yaml", base + [f"train.run_dir={a.run_dir}/off"] + OFF)
-    from megatron.core.distributed import finalize_model_grads  # after load_config: it applies cpu_compat
 
     signals.install()
     with signals.helpers_shielded():
@@ -95,7 +97,9 @@ def worker(a: argparse.Namespace) -> int:
     metrics_off = MetricsLogger(cfg_off.train.run_dir, console=False) if logging_rank else None
     variants = {
         "on": (run.monitor, run.metrics, tcfg.finalize_model_grads_func),
-        "off": (Monitor(cfg_off, run.layout, cfg_off.train.run_dir, metrics_off), metrics_off, finalize_model_grads),
+        "off": (Monitor(cfg_off, run.layout, cfg_off.train.run_dir, metrics_off, dtype=resolve_dtype(cfg_off),
+                        vocab_size=padded_vocab_size(cfg_off), profile_requests=signals.profile_requests),
+                metrics_off, finalize_model_grads),
     }
     rates: dict[str, list[float]] = {"on": [], "off": []}
     cpu: dict[str, list[float]] = {"on": [], "off": []}

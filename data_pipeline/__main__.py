@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from . import fs
-from .fs import FsError
+from storage import fs
+from storage.fs import FsError
 from .shards import (
     INDEX_FILENAME,
     SIDECAR_SUFFIX,

@@ -14,23 +14,25 @@ adjacent in the tar are coalesced into one read).
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from . import fs, shards
+from storage import fs
+
+from . import shards
+from .batch import Batch, PackRow, _collate, build_attention_mask, build_pack_row  # noqa: F401
+from .byte_ranges import coalesce, fetch_spans
 from .layouts import Encoded, Layout, LayoutError
 from .packing import GlobalOrder, Pack, PackPlanner, PackStream, Position, WindowPlan
+from .sources import DataConfigError, load_sources
 from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,179 +44,6 @@ _MAX_COALESCED_READ = 64 << 20
 _READ_RETRIES = 3
 _INDEX_THREADS = 16
 _STARVED_WARN_S = 60.0
-
-
-class DataConfigError(ValueError):
-    """The loader's inputs are unusable (missing dataset, missing/stale index, mismatched
-    layout/tokenizer, incompatible resume state). The message names the URL or setting."""
-
-
-@dataclass
-class Batch:
-    """One micro-batch of packed rows (all CPU tensors).
-
-    Attributes:
-        tokens: int64 [B, S].
-        labels: int64 [B, S]; labels[:, i] = tokens[:, i + 1] within a document, pad_id elsewhere.
-        loss_mask: float32 [B, S]; 1 where labels[:, i] is a training target.
-        position_ids: int64 [B, S]; restart at 0 for every document (0 on padding).
-        document_ids: int32 [B, S]; 0, 1, ... per row, -1 on padding.
-        segment: int8 [B, S]; layout segment (index into layouts.SEGMENTS) of the label token, -1 where
-            there is no label (document ends, padding).
-        attention_mask: bool [B, 1, S, S]; True = masked (see build_attention_mask).
-        sample_keys: per row, "shard_basename:key" of each document in row order.
-        n_tokens: real (non-pad) tokens in the micro-batch.
-        n_targets: tokens with loss_mask 1.
-        pack_ids: global pack index (cursor position) of each row.
-        epochs: epoch of each row's pack.
-        source: int16 [B, S]; index into PackedLoader.sources (the data.paths entry) of each token's
-            document, -1 on padding.
-        audio_seconds: seconds of audio of the documents in the micro-batch (codec frames / frame rate).
-    """
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    position_ids: torch.Tensor
-    document_ids: torch.Tensor
-    segment: torch.Tensor
-    attention_mask: torch.Tensor
-    sample_keys: list[list[str]]
-    n_tokens: int
-    n_targets: int
-    pack_ids: list[int]
-    epochs: list[int]
-    source: torch.Tensor | None = None
-    audio_seconds: float = 0.0
-
-    _TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "segment", "attention_mask")
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """A copy with every tensor moved to ``device``."""
-        moved = {n: getattr(self, n).to(device, non_blocking=non_blocking) for n in self._TENSORS}
-        source = None if self.source is None else self.source.to(device, non_blocking=non_blocking)
-        return Batch(**moved, sample_keys=self.sample_keys, n_tokens=self.n_tokens, n_targets=self.n_targets,
-                     pack_ids=self.pack_ids, epochs=self.epochs, source=source, audio_seconds=self.audio_seconds)
-
-
-def build_attention_mask(document_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Block-diagonal causal mask from per-token document ids [B, S] (-1 = padding).
-
-    Returns bool [B, 1, S, S] where True means MASKED: token i may attend to token j
-    iff both belong to the same document and j <= i. A padding token attends to
-    itself only, so no softmax row is entirely masked.
-    """
-    # numpy, not torch: torch's intra-op thread pool stalls badly when the host is
-    # oversubscribed (trainer + loader threads), and this runs on loader threads.
-    doc = document_ids.cpu().numpy() if isinstance(document_ids, torch.Tensor) else np.asarray(document_ids)
-    if doc.ndim != 2:
-        raise ValueError(f"document_ids must be [B, S], got shape {tuple(doc.shape)}")
-    b, s = doc.shape
-    out = np.empty((b, 1, s, s), dtype=bool)
-    out[:] = _upper_triangle(s)
-    for r in range(b):
-        row, m = doc[r], out[r, 0]
-        valid = row >= 0
-        starts = np.flatnonzero(valid & np.concatenate([[True], row[1:] != row[:-1]]))
-        if len(starts) == len(np.unique(row[valid])):
-            # each document is one contiguous run (always so for packed rows): mask what lies before it
-            ends = np.append(starts[1:], s)
-            for a, e in zip(starts.tolist(), ends.tolist()):
-                if a:
-                    m[a:e, :a] = True
-        else:
-            pos = np.arange(s)
-            m[:] = ~((row[:, None] == row[None, :]) & (pos[None, :] <= pos[:, None]))
-        pad = np.flatnonzero(~valid)
-        if len(pad):
-            m[pad, :] = True
-            m[pad, pad] = False
-    return torch.from_numpy(out)
-
-
-def _frame_rate(codec: dict) -> float | None:
-    """Codec frames per second of audio (xcodec2: 50), or None if the index does not say."""
-    try:
-        rate = float(codec.get("frame_rate"))
-    except (TypeError, ValueError):
-        return None
-    return rate if rate > 0 else None
-
-
-@functools.lru_cache(maxsize=4)
-def _upper_triangle(s: int) -> np.ndarray:
-    t = ~np.tri(s, dtype=bool)
-    t.flags.writeable = False
-    return t
-
-
-@dataclass
-class PackRow:
-    """One packed row as numpy arrays (the per-row slice of a Batch, same dtypes)."""
-
-    tokens: np.ndarray
-    labels: np.ndarray
-    loss_mask: np.ndarray
-    position_ids: np.ndarray
-    document_ids: np.ndarray
-    segment: np.ndarray
-    n_tokens: int
-    source: np.ndarray | None = None
-    audio_seconds: float = 0.0
-
-
-def build_pack_row(docs: Sequence[Encoded], seq_len: int, pad_id: int = 0, sources: Sequence[int] | None = None,
-                   audio_seconds: float = 0.0) -> PackRow:
-    """Lay documents out left to right in one row of ``seq_len`` and derive the
-    next-token targets (never across a document boundary). ``sources``: each document's source
-    index (the row's ``source`` array, -1 on padding)."""
-    tokens = np.full(seq_len, pad_id, dtype=np.int64)
-    labels = np.full(seq_len, pad_id, dtype=np.int64)
-    loss_mask = np.zeros(seq_len, dtype=np.float32)
-    position_ids = np.zeros(seq_len, dtype=np.int64)
-    document_ids = np.full(seq_len, -1, dtype=np.int32)
-    segment = np.full(seq_len, -1, dtype=np.int8)
-    source = np.full(seq_len, -1, dtype=np.int16) if sources is not None else None
-    p = 0
-    for d, enc in enumerate(docs):
-        n = len(enc)
-        if p + n > seq_len:
-            raise ValueError(f"documents total more than seq_len={seq_len} tokens")
-        tokens[p : p + n] = enc.ids
-        labels[p : p + n - 1] = enc.ids[1:]
-        loss_mask[p : p + n - 1] = enc.target_mask[1:]
-        segment[p : p + n - 1] = enc.segment[1:]
-        position_ids[p : p + n] = np.arange(n)
-        document_ids[p : p + n] = d
-        if source is not None:
-            source[p : p + n] = sources[d]
-        p += n
-    return PackRow(tokens, labels, loss_mask, position_ids, document_ids, segment, p, source, audio_seconds)
-
-
-def _collate(rows: Sequence[PackRow], keys: list[list[str]], pack_ids: list[int], epochs: list[int]) -> Batch:
-    def stack(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(r, name) for r in rows]))
-
-    document_ids = stack("document_ids")
-    loss_mask = stack("loss_mask")
-    n_targets = int(np.count_nonzero(loss_mask.numpy()))
-    return Batch(
-        tokens=stack("tokens"),
-        labels=stack("labels"),
-        loss_mask=loss_mask,
-        position_ids=stack("position_ids"),
-        document_ids=document_ids,
-        segment=stack("segment"),
-        attention_mask=build_attention_mask(document_ids),
-        sample_keys=keys,
-        n_tokens=sum(r.n_tokens for r in rows),
-        n_targets=n_targets,
-        pack_ids=pack_ids,
-        epochs=epochs,
-        source=stack("source") if all(r.source is not None for r in rows) else None,
-        audio_seconds=sum(r.audio_seconds for r in rows),
-    )
 
 
 @dataclass
@@ -328,8 +157,10 @@ class PackedLoader:
         self._check_dp(dp_rank, dp_size)
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
 
-        self.sources: list[str] = []  # one name per entry of paths: its dataset name (index.json)
-        self._shard_urls, self._indexes = self._load_indexes(self.paths)
+        src = load_sources(self.paths, self._check_codec)
+        self.sources = src.names  # one name per entry of paths: its dataset name (index.json)
+        self._shard_urls, self._indexes = src.shard_urls, src.indexes
+        self._shard_source, self._frame_rates = src.shard_source, src.frame_rates
         self._shard_names = [fs.basename(u) for u in self._shard_urls]
         self._dataset_fingerprint = self._fingerprint()
         sizes = [len(ix.samples) for ix in self._indexes]
@@ -380,53 +211,6 @@ class PackedLoader:
                 f"{self.micro_batch_size} * {dp_size}; choose a global_batch_size that is a multiple of "
                 f"{self.micro_batch_size * dp_size} (or change micro_batch_size / the data-parallel size)"
             )
-
-    def _load_indexes(self, paths: list[str]) -> tuple[list[str], list[shards.ShardIndex]]:
-        urls: list[str] = []
-        summaries: list[shards.ShardSummary] = []
-        shard_source: list[int] = []
-        frame_rates: list[float] = []
-        for path in paths:
-            if not fs.exists(path):
-                raise DataConfigError(f"dataset path {path} does not exist")
-            try:
-                ds = shards.DatasetIndex.load(path)
-            except Exception as e:
-                raise DataConfigError(f"cannot load dataset index of {path}: {e}") from e
-            self._check_codec(path, ds.codec)
-            urls.extend(ds.shard_urls())
-            summaries.extend(ds.shards)
-            shard_source.extend([len(self.sources)] * len(ds.shards))
-            frame_rates.append(_frame_rate(ds.codec))
-            name = ds.name or fs.basename(path.rstrip("/"))
-            self.sources.append(name if name not in self.sources else f"{name}#{len(self.sources)}")
-        # per shard: which paths entry it came from; per source: codec frames per second of audio
-        self._shard_source = shard_source
-        self._frame_rates = frame_rates
-        if not urls:
-            raise DataConfigError(f"dataset(s) {', '.join(paths)} contain no shards")
-
-        def load(url: str) -> shards.ShardIndex:
-            try:
-                return shards.load_shard_index(url)
-            except Exception as e:
-                raise DataConfigError(f"cannot load the sidecar index of shard {url}: {e}") from e
-
-        if len(urls) > 1:  # sidecar reads are latency-bound on object stores and network file systems
-            with ThreadPoolExecutor(min(_INDEX_THREADS, len(urls)), thread_name_prefix="loader-index") as ex:
-                indexes = list(ex.map(load, urls))
-        else:
-            indexes = [load(u) for u in urls]
-        for url, ix, summary in zip(urls, indexes, summaries):
-            if ix.shard != fs.basename(url):
-                raise DataConfigError(f"sidecar index of {url} describes shard {ix.shard!r}: stale or misplaced index")
-            if len(ix.samples) != summary.n_samples or ix.sha256 != summary.sha256:
-                raise DataConfigError(
-                    f"sidecar index of {url} ({len(ix.samples)} samples, sha256 {ix.sha256[:12]}) disagrees with the "
-                    f"dataset index ({summary.n_samples} samples, sha256 {summary.sha256[:12]}): stale index; "
-                    "rebuild the dataset index"
-                )
-        return urls, indexes
 
     def _check_codec(self, path: str, codec: dict) -> None:
         n_q = codec.get("n_q")
@@ -519,10 +303,10 @@ class PackedLoader:
         out: dict[tuple[int, int], Encoded | None] = {}
         for s in sorted(wanted):
             entries = self._indexes[s].samples
-            runs = self._coalesce(sorted(wanted[s], key=lambda k: entries[k].offset), entries)
+            runs = coalesce(sorted(wanted[s], key=lambda k: entries[k].offset), entries)
             spans = [(entries[r[0]].offset, entries[r[-1]].offset + entries[r[-1]].length) for r in runs]
             try:
-                blobs = self._fetch(self._shard_urls[s], spans)
+                blobs = fetch_spans(self._shard_urls[s], spans)
             except (fs.FsError, shards.ShardError) as e:
                 n = sum(len(r) for r in runs)
                 out.update({(s, k): None for r in runs for k in r})
@@ -535,72 +319,6 @@ class PackedLoader:
                     lo = entries[k].offset - start
                     out[(s, k)] = self._decode(s, k, blob[lo : lo + entries[k].length], counters)
         return out, counters, bad_shards
-
-    @staticmethod
-    def _coalesce(order: list[int], entries: list[shards.SampleEntry]) -> list[list[int]]:
-        """Group samples (sorted by offset) whose byte ranges touch into runs read with one request."""
-        runs: list[list[int]] = []
-        for k in order:
-            e = entries[k]
-            if runs:
-                last, first = entries[runs[-1][-1]], entries[runs[-1][0]]
-                if last.offset + last.length == e.offset and e.offset + e.length - first.offset <= _MAX_COALESCED_READ:
-                    runs[-1].append(k)
-                    continue
-            runs.append([k])
-        return runs
-
-    @staticmethod
-    def _fetch(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
-        """Bytes of each [start, end) span of ``url``. FsError if the file is gone.
-
-        Local files are opened once per call; remote spans are fetched concurrently
-        (fsspec cat_ranges), because one request per utterance at object-store
-        latency would otherwise bound the loader at a few dozen samples/s.
-        """
-        if not fs.is_remote(url):
-            with fs.open_file(url) as f:
-                out = []
-                for start, end in spans:
-                    f.seek(start)
-                    out.append(f.read(end - start))
-                return out
-        fsys, path = fs.get_fs(url)
-        if len(spans) > 1 and hasattr(fsys, "cat_ranges"):
-            results = fsys.cat_ranges([path] * len(spans), [a for a, _ in spans], [b for _, b in spans],
-                                      on_error="return")
-        else:
-            results = [None] * len(spans)
-        out = []
-        for (start, end), res in zip(spans, results):
-            if isinstance(res, FileNotFoundError):
-                raise fs.FsError(url, "no such file") from res
-            if not isinstance(res, bytes):
-                res = PackedLoader._read_range(url, start, end)  # retried, or the single-span case
-            out.append(res)
-        return out
-
-    @staticmethod
-    def _read_range(url: str, start: int, end: int) -> bytes:
-        for attempt in range(_READ_RETRIES):
-            try:
-                return fs.read_range(url, start, end)
-            except fs.FsError:
-                raise
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    # object stores answer a range past the end with InvalidRange (EINVAL): a shard that
-                    # is shorter than its index is damaged data, reported by parse_sample as truncated
-                    size = fs.size(url)
-                    if size < end:
-                        return fs.read_range(url, start, size) if start < size else b""
-                # transient I/O (network, object store throttling): retry, then fail loudly rather than
-                # silently dropping data, which would make the stream depend on luck
-                if attempt + 1 == _READ_RETRIES:
-                    raise
-                logger.warning("read of %s [%d, %d) failed (%s); retrying", url, start, end, e)
-                time.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
 
     def _decode(self, s: int, k: int, data: bytes, counters: _Counters) -> Encoded | None:
         entry = self._indexes[s].samples[k]
@@ -856,12 +574,6 @@ class PackedLoader:
         logger.info("data loader resumed at epoch %d window %d pack %d (consumed packs %d, dp %d/%d)",
                     self._position.epoch, self._position.window, self._position.offset, self._cursor,
                     self.dp_rank, self.dp_size)
-
-    def set_dp(self, dp_rank: int, dp_size: int) -> None:
-        """Change this loader's DP coordinates (elastic resize); global_batch_size is kept."""
-        self._check_dp(dp_rank, dp_size)
-        self._reset()
-        self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
 
     @property
     def stats(self) -> dict[str, Any]:

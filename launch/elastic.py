@@ -1,9 +1,11 @@
 """torchrun for elastic jobs, with the settings measured to make restarts and stops work
 (notes/infra.md):
 
-- TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default workers reuse the rendezvous TCP store,
-  which keeps dead workers' addresses: restarts after a lost worker fail with gloo
-  "Connection refused" or hang (pytorch#135712, #167288).
+- TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each round's workers get a store of their own instead of
+  the agents' rendezvous store, which keeps dead workers' keys (pytorch#135712, #167288). The
+  workers are immune either way (megatron_tts.compat.elastic keys the process group by the
+  rendezvous round), so plain torchrun restarts work too; this keeps the agents' store out of
+  the workers' path.
 - --store-endpoint HOST:PORT: use a store started apart from the agents (launch.rdzv_store),
   so losing the first node does not end the job.
 - SIGUSR1 is a stop signal like SIGTERM: the agent forwards it to its workers (which save a

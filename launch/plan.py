@@ -74,7 +74,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -178,34 +177,15 @@ def _skeleton(raw: dict) -> Optional[tuple[Any, bool]]:
 
 
 def layout_problems(cfg, gpus: int, vocab_known: bool = True) -> list[str]:
-    """Problems of running `cfg` on `gpus` GPUs beyond what loading the config checks."""
-    from megatron_tts.config import ConfigError, padded_vocab_size, validate_world
+    """Problems of running `cfg` on `gpus` GPUs beyond what loading the config checks: the same
+    check training runs at launch (megatron_tts.config.layout_problems). ``vocab_known``: False
+    when the recipe's vocabulary section is unusable (its problems are reported by the config)."""
+    from megatron_tts.config import layout_problems as problems_of
 
-    p, tr = cfg.parallel, cfg.train
-    problems = []
-    try:
-        validate_world(cfg, gpus)
-    except ConfigError as e:
-        problems += e.problems
-    if vocab_known and cfg.model.vocab.padded_size is None:  # an explicit size is checked by the config
-        vocab = padded_vocab_size(cfg)
-        if vocab % p.tp:
-            problems.append(f"the padded vocabulary ({vocab}) is not divisible by parallel.tp={p.tp}: megatron "
-                            f"splits the embedding rows evenly over TP; use a power-of-two tp (<= 8) or set "
-                            f"model.vocab.padded_size to a multiple of {128 * p.tp}")
-    if p.sequence_parallel and cfg.data.seq_len % p.tp:
-        problems.append(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallel "
-                        f"splits the sequence over TP; use a seq_len multiple of {p.tp}")
-    if p.vpp and gpus % (p.tp * p.pp) == 0:
-        dp = p.dp or gpus // (p.tp * p.pp)
-        m = tr.global_batch_size // (tr.micro_batch_size * dp)
-        if m and m % p.pp:
-            unit = tr.micro_batch_size * dp
-            below, above = max(p.pp, m // p.pp * p.pp) * unit, math.ceil(m / p.pp) * p.pp * unit
-            problems.append(f"interleaved pipelining (parallel.vpp={p.vpp}) needs the micro-batches per step "
-                            f"({m}) to be a multiple of parallel.pp={p.pp} (megatron raises otherwise); use "
-                            f"train.global_batch_size={below}" + ("" if below == above else f" or {above}"))
-    return problems
+    if not vocab_known:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab=dataclasses.replace(
+            cfg.model.vocab, padded_size=None)))
+    return problems_of(cfg, gpus)
 
 
 def load_plan_config(path: str, overrides: list[str], gpus: int):
@@ -247,13 +227,12 @@ def fake_world(cfg, world_size: int, rank: int):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from megatron_tts import cpu_compat
+    from megatron_tts import compat
+    from megatron_tts.compat.mcore import parallel_state as ps
 
     if dist.is_initialized():
         raise RuntimeError("launch.plan needs a process without a process group (it builds a fake one)")
-    cpu_compat.apply()
-    from megatron.core import parallel_state as ps
-
+    compat.activate()  # on a machine without CUDA, as a training process would
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         p = cfg.parallel
@@ -320,13 +299,12 @@ def _dtype_name(dtype) -> str:
 
 def ddp_buffers(cfg, chunks: list, dp: int, pp_rank: int) -> tuple[Optional[int], list[Buffer]]:
     """megatron's DDP buffers and buckets for these chunks, computed by megatron-core's own layout
-    code (what DistributedDataParallel does at wrap time in megatron_tts/train.py, without
+    code (what DistributedDataParallel does at wrap time in megatron_tts/train/build.py, without
     allocating the buffers)."""
-    from megatron.core.distributed.param_and_grad_buffer import (
-        _compute_default_per_buffer_param_layout,
-        group_params_for_buffers,
-    )
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron_tts.compat.mcore import DistributedOptimizer, param_and_grad_buffer
+
+    _compute_default_per_buffer_param_layout = param_and_grad_buffer._compute_default_per_buffer_param_layout
+    group_params_for_buffers = param_and_grad_buffer.group_params_for_buffers
 
     ddp = cfg.parallel.ddp
     # DistributedDataParallel.__init__: the default size, then no bucketing without overlap or

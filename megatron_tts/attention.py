@@ -15,10 +15,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
+
+from megatron_tts.compat.mcore import AttnMaskType, MegatronModule, ProcessGroupCollection, TransformerConfig, divide
 
 
 class SDPAttention(MegatronModule):
@@ -31,8 +29,6 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention does not support context parallelism; use the TE layer spec")
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise ValueError("SDPAttention supports vanilla softmax without sliding windows only")
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp = pg_collection.tp.size()

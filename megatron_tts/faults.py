@@ -92,6 +92,11 @@ def parse(text: str) -> list[Spec]:
 _SPECS = parse(os.environ.get(ENV, ""))
 
 
+def enabled() -> bool:
+    """Whether any fault is configured (the training loop installs its fault hook only then)."""
+    return bool(_SPECS)
+
+
 def active(kind: str, **context) -> bool:
     """True when a spec of this kind matches the context (step=, rank=, phase=, ...)."""
     return any(s.kind == kind and s.matches(**context) for s in _SPECS)

@@ -9,7 +9,18 @@ from typing import Optional
 
 import torch
 
+from megatron_tts.compat.mcore import (
+    GPTModel,
+    ShardedTensor,
+    ShardedTensorFactory,
+    TransformerBlockSubmodules,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+    get_num_layers_to_build,
+    parallel_state as ps,
+)
 from megatron_tts.config import Config, ConfigError, padded_vocab_size
+from megatron_tts.norm import LocalRMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +44,6 @@ def uses_transformer_engine(cfg: Config) -> bool:
 
 
 def layer_spec(cfg: Config):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     if uses_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -50,14 +56,6 @@ def layer_spec(cfg: Config):
 
 def _local_block_spec(cfg: Config, layer, vp_stage):
     """The local layer spec as a whole block, with our SP-capable RMSNorm everywhere."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
-    from megatron_tts.norm import LocalRMSNorm
-
     layer.submodules.input_layernorm = LocalRMSNorm
     layer.submodules.pre_mlp_layernorm = LocalRMSNorm
     n = get_num_layers_to_build(cfg.model.transformer, vp_stage=vp_stage,
@@ -67,9 +65,6 @@ def _local_block_spec(cfg: Config, layer, vp_stage):
 
 def build_model_chunks(cfg: Config, device: Optional[torch.device] = None) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
     spec = layer_spec(cfg)
     local = not uses_transformer_engine(cfg)
     vpp = cfg.parallel.vpp
@@ -127,8 +122,6 @@ def init_layout_invariant(model: torch.nn.Module, cfg: Config) -> None:
     (per-layer) tensor from a generator seeded by its key, then copy the slice this rank
     holds. So a TP=2 x PP=2 model starts from exactly the weights of the single-process one.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     seed = cfg.train.seed
     sharded = model.sharded_state_dict()
     items = []

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from megatron_tts.compat.mcore import HAVE_APEX_OR_TE, OptimizerParamScheduler, get_megatron_optimizer
 from megatron_tts.config import Config
 
 log = logging.getLogger(__name__)
@@ -14,24 +15,16 @@ log = logging.getLogger(__name__)
 def fused_adam_available() -> bool:
     """What megatron-core's optimizer will use: fused Adam from transformer-engine or NVIDIA apex
     (detected by import only: PyPI's `apex` is an unrelated project), else torch AdamW."""
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
     return bool(HAVE_APEX_OR_TE)
 
 
 def build_optimizer(cfg: Config, model_chunks: list[torch.nn.Module]):
-    """megatron-core picks fused Adam from TE or apex when present, torch AdamW otherwise."""
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    from megatron_tts import mcore_fixes
-
-    mcore_fixes.apply()
+    """megatron-core picks fused Adam from TE or apex when present, torch AdamW otherwise
+    (its distributed-optimizer fixes are applied by megatron_tts.compat.activate)."""
     return get_megatron_optimizer(cfg.optim.optimizer, model_chunks)
 
 
 def build_scheduler(cfg: Config, optimizer):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o, s = cfg.optim.optimizer, cfg.optim.schedule
     decay_steps = s.decay_steps or cfg.train.steps
     return OptimizerParamScheduler(

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_tts import cpu_compat
+from megatron_tts import compat
+from megatron_tts.compat.elastic import worker_store
+from megatron_tts.compat.mcore import parallel_state as ps
 from megatron_tts.config import Config, resolve_backend, validate_world
 
 
@@ -37,9 +39,7 @@ class Layout:
 
 def init_distributed(cfg: Config) -> Layout:
     """Join the torchrun world (or a world of one) and build megatron's groups."""
-    cpu_compat.apply()
-    from megatron.core import parallel_state as ps
-
+    compat.activate()  # the CPU layer where CUDA is absent, the optimizer fixes
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,8 +56,11 @@ def init_distributed(cfg: Config) -> Layout:
         if "MASTER_ADDR" not in os.environ:  # a plain `python -m launch.pretrain`: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+        # Under torchrun: a namespace of its shared store per rendezvous round (compat.elastic),
+        # so that a restarted worker never reads the dead round's peer addresses.
+        store = worker_store(world, timeout)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tp,
         pipeline_model_parallel_size=cfg.parallel.pp,
@@ -74,8 +77,6 @@ def init_distributed(cfg: Config) -> Layout:
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state as ps
-
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

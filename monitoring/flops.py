@@ -51,14 +51,13 @@ def flops_per_token(*, num_layers: int, hidden_size: int, ffn_hidden_size: int, 
     return 3.0 * (L * (projections + core + mlp) + lm_head)
 
 
-def model_flops_per_token(cfg) -> float:
-    """flops_per_token for a megatron_tts Config (padded vocabulary: the LM head computes every row)."""
-    from megatron_tts.config import padded_vocab_size
-
-    t = cfg.model.transformer
+def model_flops_per_token(transformer, seq_len: int, vocab_size: int) -> float:
+    """flops_per_token for a megatron-core TransformerConfig; ``vocab_size`` is the padded one (the
+    LM head computes every row)."""
+    t = transformer
     return flops_per_token(num_layers=t.num_layers, hidden_size=t.hidden_size, ffn_hidden_size=t.ffn_hidden_size,
                            num_attention_heads=t.num_attention_heads, num_query_groups=t.num_query_groups,
-                           kv_channels=t.kv_channels, seq_len=cfg.data.seq_len, vocab_size=padded_vocab_size(cfg),
+                           kv_channels=t.kv_channels, seq_len=seq_len, vocab_size=vocab_size,
                            gated_linear_unit=t.gated_linear_unit)
 
 

@@ -3,7 +3,7 @@
     monitor.step_begin(step)                 # profiling windows and triggers, NVTX step range
     with monitor.phase("data"): ...          # timer + NVTX range (+ a torch.profiler label)
     with monitor.span("stats_sync"): ...     # a wait inside a phase (CUDA events on GPU)
-    fields = monitor.step_end(step, out, step_time, logged)   # every rank, every step
+    fields = monitor.step_end(step, tokens, step_time, logged)   # every rank, every step
     monitor.alert(kind, message, step)       # (logging rank) ALERT line, event, hooks
 
 Every rank times its phases and joins the straggler all_gather every
@@ -38,9 +38,11 @@ WAITS = ("grad_sync", "stats_sync")  # time spent waiting for peers: not a rank'
 
 
 class Monitor:
-    def __init__(self, cfg, layout, run_dir: str, metrics=None) -> None:
-        from megatron_tts.config import resolve_dtype
-
+    def __init__(self, cfg, layout, run_dir: str, metrics=None, *, dtype: str, vocab_size: int,
+                 profile_requests: Callable[[], int] = lambda: 0) -> None:
+        """cfg: the run's config tree (its monitoring, alerts, profiling, train and data sections are
+        read); dtype: 'bf16' or 'fp32' as resolved; vocab_size: the padded vocabulary (MFU);
+        profile_requests: a counter of SIGUSR2 profile requests."""
         m = cfg.monitoring
         self.cfg = cfg
         self.layout = layout
@@ -51,12 +53,13 @@ class Monitor:
         # the straggler rule needs the waits (grad_sync, stats_sync) even without phase_s
         self.timers = PhaseTimers(enabled=m.phase_timers or self.straggler_every > 0, nvtx=m.nvtx, cuda=self.cuda)
         emit = metrics.event if metrics is not None else None
-        self.profiler = Profiler(cfg.profiling, layout.rank, run_dir, emit, self.cuda)
+        self.profiler = Profiler(cfg.profiling, layout.rank, run_dir, emit, self.cuda, profile_requests)
         self.profiler.on_change = self._label_phases
 
-        self.flops_per_step = flops.model_flops_per_token(cfg) * cfg.train.global_batch_size * cfg.data.seq_len
+        self.flops_per_step = (flops.model_flops_per_token(cfg.model.transformer, cfg.data.seq_len, vocab_size) *
+                               cfg.train.global_batch_size * cfg.data.seq_len)
         device_name = torch.cuda.get_device_name() if self.cuda else None
-        self.peak_tflops = flops.peak_tflops(device_name, resolve_dtype(cfg), m.peak_tflops)
+        self.peak_tflops = flops.peak_tflops(device_name, dtype, m.peak_tflops)
         if layout.rank == 0:
             log.info("MFU: %.3g GFLOP per token (docs/monitoring.md); peak %s", self.flops_per_step / 1e9 /
                      (cfg.train.global_batch_size * cfg.data.seq_len),
@@ -124,7 +127,7 @@ class Monitor:
             torch.cuda.nvtx.range_push(f"step {step}")
             self._step_range_open = True
 
-    def step_end(self, step: int, out: dict, step_time: float, logged: bool) -> dict[str, Any]:
+    def step_end(self, step: int, tokens: int, step_time: float, logged: bool) -> dict[str, Any]:
         """After a completed step, on every rank. Returns the record's monitoring fields when
         `logged` (and {} otherwise)."""
         self._last_step = step
@@ -133,7 +136,7 @@ class Monitor:
         self.busy.add(step_time, waits)
         if self.straggler_every and step % self.straggler_every == 0:
             self._straggler_window(step)
-        tokens_per_s = out["tokens"] / step_time
+        tokens_per_s = tokens / step_time
         if self.stall is not None:
             self.stall.progress(step, step_time)
         if self.throughput is not None:

@@ -10,7 +10,7 @@ step `stop` (or when the run ends), on the ranks in profiling.ranks; the loop ca
 - profiling.torch_steps: a torch.profiler trace (CPU, and CUDA activity when present), written
   as a Chrome trace to RUN_DIR/profile/torch_rank{R}_steps{A}-{B}.json (A..B inclusive). Each
   step is a `ProfilerStep#<step>` range, each phase a range of its name.
-- Runtime: `touch RUN_DIR/PROFILE` (profiling.trigger_file; any newer mtime counts) on
+- Runtime: `touch RUN_DIR/PROFILE` (profiling.trigger_file; any change since start or the last trigger counts) on
   profiling.ranks, or SIGUSR2 to a worker process (that worker only), traces the next
   profiling.trigger_steps steps with the torch profiler, without a restart.
 
@@ -27,14 +27,13 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_tts import signals
-
 log = logging.getLogger(__name__)
 
 
 class Profiler:
     def __init__(self, cfg, rank: int, run_dir: str, emit: Optional[Callable[[dict], None]] = None,
-                 cuda: Optional[bool] = None) -> None:
+                 cuda: Optional[bool] = None, profile_requests: Callable[[], int] = lambda: 0) -> None:
+        """profile_requests: a counter that grows with each SIGUSR2 (megatron_tts.signals)."""
         self.cfg = cfg
         self.rank = rank
         self.run_dir = run_dir
@@ -50,9 +49,13 @@ class Profiler:
         self._torch: Optional[torch.profiler.profile] = None
         self._torch_range: tuple[int, int] = (0, 0)
         self._trigger_path = os.path.join(run_dir, cfg.trigger_file)
-        self._trigger_seen = time.time()  # a trigger file older than this process is stale
+        # The trigger file's state when we last looked: a file already there at start is stale.
+        # (Compared for change, not against the clock: file times come from the kernel's coarse
+        # clock and can lag time.time() by a tick, which made a fresh touch look old under load.)
+        self._trigger_seen = self._trigger_state()
         self._next_check = 0.0
-        self._signals_seen = signals.profile_requests()
+        self._profile_requests = profile_requests
+        self._signals_seen = profile_requests()
         self.on_change: Optional[Callable[[Optional[Callable]], None]] = None  # phase labels on/off
 
     @property
@@ -100,7 +103,7 @@ class Profiler:
             self.torch_window = None  # once per process
             return step, w[1]
         n = self.cfg.trigger_steps
-        requests = signals.profile_requests()
+        requests = self._profile_requests()
         if requests != self._signals_seen:
             self._signals_seen = requests
             log.warning("SIGUSR2: tracing steps %d-%d on rank %d", step, step + n - 1, self.rank)
@@ -111,18 +114,22 @@ class Profiler:
             return step, step + n
         return None
 
+    def _trigger_state(self) -> Optional[tuple[int, int, int]]:
+        try:
+            st = os.stat(self._trigger_path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino, st.st_size
+
     def _trigger_file_touched(self) -> bool:
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.cfg.trigger_check_s
-        try:
-            mtime = os.stat(self._trigger_path).st_mtime
-        except OSError:
+        state = self._trigger_state()
+        if state is None or state == self._trigger_seen:
             return False
-        if mtime <= self._trigger_seen:
-            return False
-        self._trigger_seen = mtime
+        self._trigger_seen = state
         return True
 
     def _start_torch(self, start: int, stop: int) -> None:

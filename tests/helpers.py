@@ -21,6 +21,12 @@ SMALL = [
 ]
 
 
+# The 6-step run shared by the layout-equivalence and the resume tests (tests/reference_runs.py):
+# a checkpoint at step 3 to resume from, which changes nothing in the numerics.
+LAYOUT_STEPS, LAYOUT_STOP = 6, 3
+LAYOUT_BASE = SMALL + [f"train.steps={LAYOUT_STEPS}", f"checkpoint.interval={LAYOUT_STOP}", "checkpoint.keep_last=5"]
+
+
 @dataclass
 class RunResult:
     returncode: int
@@ -52,7 +58,10 @@ def pretrain_cmd(run_dir: str, overrides: list[str], nproc: int = 1, config: str
     args = ["-m", "launch.pretrain", "--config", config, f"train.run_dir={run_dir}", *overrides]
     if not torchrun:  # a plain single process, as `python -m launch.pretrain`
         return [sys.executable, *args]
-    return TORCHRUN + ["--nproc-per-node", str(nproc), "--log-dir", os.path.join(run_dir, "torchrun"),
+    # --standalone: the rendezvous store binds a free port, so parallel test workers never collide
+    # on torchrun's default 29500.
+    rdzv = [] if any(a.startswith(("--rdzv", "--master", "--standalone")) for a in torchrun_args) else ["--standalone"]
+    return TORCHRUN + [*rdzv, "--nproc-per-node", str(nproc), "--log-dir", os.path.join(run_dir, "torchrun"),
                        *torchrun_args, *args]
 
 

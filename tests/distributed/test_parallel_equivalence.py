@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import SMALL, pretrain
-
-STEPS = 6
-BASE = SMALL + [f"train.steps={STEPS}", "checkpoint.interval=1000"]
+from tests.helpers import LAYOUT_BASE as BASE
+from tests.helpers import LAYOUT_STEPS as STEPS
+from tests.reference_runs import reference_run
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -22,7 +21,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    r = pretrain(str(tmp_path_factory.mktemp("ref")), BASE, nproc=1)
+    r = reference_run(tmp_path_factory, BASE, nproc=1)
     assert r.returncode == 0, r.output[-3000:]
     losses = r.losses()
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -31,9 +30,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
+def test_layout_matches_single_process(name, reference, tmp_path_factory):
     nproc, overrides = LAYOUTS[name]
-    r = pretrain(str(tmp_path), BASE + overrides, nproc=nproc)
+    r = reference_run(tmp_path_factory, BASE + overrides, nproc=nproc)  # the tp2 run is test_resume's too
     assert r.returncode == 0, r.output[-3000:]
     losses = r.losses()
     assert sorted(losses) == sorted(reference)

@@ -4,14 +4,16 @@ A checkpoint written under one layout resumes under another (resharding)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
-from tests.helpers import SMALL, pretrain
-
-STEPS, STOP = 6, 3
-BASE = SMALL + [f"train.steps={STEPS}", f"checkpoint.interval={STOP}", "checkpoint.keep_last=5"]
+from tests.helpers import LAYOUT_BASE as BASE
+from tests.helpers import LAYOUT_STEPS as STEPS
+from tests.helpers import LAYOUT_STOP as STOP
+from tests.helpers import pretrain
+from tests.reference_runs import reference_run
 
 
 def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
@@ -20,16 +22,17 @@ def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}")
-    out = os.path.join(run_dir, "final.pt")
-    dcp_to_torch_save(ckpt, out)
-    sd = torch.load(out, weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:  # the run may be a shared reference: never write into it
+        out = os.path.join(tmp, "final.pt")
+        dcp_to_torch_save(ckpt, out)
+        sd = torch.load(out, weights_only=False)
     del FileSystemReader
     return {k: v for k, v in sd.items() if k.startswith(("embedding.", "decoder.", "output_layer.")) and
             isinstance(v, torch.Tensor)}
 
 
-def run_pair(tmp_path, nproc: int, overrides: list[str]):
-    full = pretrain(str(tmp_path / "full"), BASE + overrides, nproc=nproc)
+def run_pair(tmp_path, tmp_path_factory, nproc: int, overrides: list[str]):
+    full = reference_run(tmp_path_factory, BASE + overrides, nproc=nproc)
     assert full.returncode == 0, full.output[-3000:]
     part = pretrain(str(tmp_path / "part"), BASE + overrides + [f"train.stop_after={STOP}"], nproc=nproc)
     assert part.returncode == 0, part.output[-3000:]
@@ -59,14 +62,14 @@ def assert_bitwise(full, resumed):
     # proved nothing more and cost CI 30 s.)
     ("dp2_distopt_buckets", 2, ["optim.distributed=true", "parallel.ddp.bucket_size=20000"]),
 ])
-def test_resume_is_bitwise(name, nproc, overrides, tmp_path):
-    full, resumed = run_pair(tmp_path, nproc, overrides)
+def test_resume_is_bitwise(name, nproc, overrides, tmp_path, tmp_path_factory):
+    full, resumed = run_pair(tmp_path, tmp_path_factory, nproc, overrides)
     assert_bitwise(full, resumed)
 
 
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
-    r = pretrain(str(tmp_path_factory.mktemp("tp2")), BASE + ["parallel.tp=2"], nproc=2)
+    r = reference_run(tmp_path_factory, BASE + ["parallel.tp=2"], nproc=2)
     assert r.returncode == 0, r.output[-3000:]
     return r
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests import apt
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel"]
 NODES = ("n1", "n2")
@@ -45,8 +47,11 @@ def _missing() -> list[str]:
 def ensure_installed() -> str | None:
     """Install Slurm and munge if needed. Returns None when ready, or why it cannot be installed
     (not root, no apt-get). An apt-get that runs and fails raises: that is a setup failure."""
-    if not _missing():
-        return None
+    try:
+        apt.install(PACKAGES, lambda: not _missing(), timeout=600)
+    except apt.CannotInstall:
+        return f"Slurm is not installed ({', '.join(_missing())} missing) and installing it needs root and apt-get"
+    return None
     if os.geteuid() != 0:
         return f"Slurm is not installed ({', '.join(_missing())} missing) and installing it needs root"
     if shutil.which("apt-get") is None:

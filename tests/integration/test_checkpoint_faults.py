@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from megatron_tts.checkpoint import (COMMITTED, LEDGER, MANIFEST, QUARANTINE, list_checkpoints, seal,
-                                     step_dir_name, verify)
+from megatron_tts.checkpoint.format import (COMMITTED, LEDGER, MANIFEST, QUARANTINE, list_checkpoints, seal,
+                                            step_dir_name, verify)
 from megatron_tts.exit_codes import EXIT_FATAL, read_exit_records
 from tests.helpers import REPO, SMALL, env, pretrain
 

@@ -23,12 +23,12 @@ import psutil
 import pytest
 
 from monitoring.dashboard import MAX_POINTS, build
+from tests import apt
 from tests.helpers import REPO, SMALL, env, finish, start_pretrain
 from tests.unit.test_dashboard import loss_at, step_record, write_synthetic_run
 
 pytestmark = pytest.mark.slow
 
-APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q"]  # other jobs may hold the dpkg lock for a while
 
 # Panels of step-record fields: drawn when some record has the field, "no data" otherwise.
 FIELD_PANELS = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s",
@@ -69,24 +69,15 @@ PROBE = """JSON.stringify({
 def chromium_binary(request) -> str:
     """Debian's chromium; installed with apt-get when missing (the time it took is reported)."""
     report = request.config.pluginmanager.get_plugin("terminalreporter")
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get); "
-                    "install it with: apt-get install --no-install-recommends chromium")
-    t0 = time.monotonic()
-    e = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = APT + ["install", "-y", "--no-install-recommends", "chromium"]
-    p = subprocess.run(install, env=e, capture_output=True, text=True, timeout=1200)
-    if p.returncode != 0:  # stale package lists: refresh them once
-        subprocess.run(APT + ["update"], env=e, capture_output=True, text=True, timeout=600)
-        p = subprocess.run(install, env=e, capture_output=True, text=True, timeout=1200)
-    if p.returncode != 0 or not shutil.which("chromium"):
-        pytest.skip(f"chromium could not be installed (apt-get exit {p.returncode}): {p.stderr.strip()[-500:]}")
-    if report:  # outside pytest's output capture, so that it shows without -s
+    try:
+        took = apt.install(["chromium"], lambda: shutil.which("chromium") is not None)
+    except apt.CannotInstall as e:
+        pytest.skip(str(e))
+    except RuntimeError as e:
+        pytest.skip(f"chromium could not be installed: {str(e)[-500:]}")
+    if took and report:  # outside pytest's output capture, so that it shows without -s
         with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-            report.write_line(f"[test_dashboard] installed chromium with apt-get in {time.monotonic() - t0:.1f} s")
+            report.write_line(f"[test_dashboard] installed chromium with apt-get in {took:.1f} s")
     return shutil.which("chromium")
 
 

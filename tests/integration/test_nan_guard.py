@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from megatron_tts.exit_codes import EXIT_FATAL

@@ -53,7 +53,7 @@ def test_torchrun_two_nodes_names_the_slow_one(tmp_path):
     report = tmp_path / "report.json"
     e = env()
     e[SLOWDOWN_ENV] = "1:6"  # rank 1's GEMM really takes 6x longer
-    p = subprocess.run(TORCHRUN + ["--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), "-m",
+    p = subprocess.run(TORCHRUN + ["--standalone", "--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), "-m",
                                    "launch.preflight", *FAST, "--ckpt-dir", str(tmp_path / "ckpt"),
                                    "--json", str(report)],
                        cwd=REPO, env=e, capture_output=True, text=True, timeout=180)

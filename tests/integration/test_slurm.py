@@ -22,7 +22,7 @@ from megatron_tts.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_FATAL, EXIT_REQU
 from tests.helpers import REPO, SMALL, RunResult, env
 from tests.integration.slurm_cluster import SlurmCluster, slurm  # noqa: F401 (the session fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # (one file: one xdist worker, one Slurm cluster)
 
 STEPS = 8
 OVERRIDES = SMALL + [f"train.steps={STEPS}", "checkpoint.interval=100", "logging.console=false"]

@@ -10,9 +10,11 @@ import pickle
 
 import pytest
 
-from megatron_tts.checkpoint import (COMMITTED, LEDGER, MANIFEST, QUARANTINE, UnsafeCheckpointError,
-                                     _AllowListUnpickler, _metadata_allowed, build_manifest, ever_committed,
-                                     list_checkpoints, read_commit, retained_steps, seal, verify)
+from megatron_tts.checkpoint.errors import UnsafeCheckpointError
+from megatron_tts.checkpoint.format import (COMMITTED, LEDGER, MANIFEST, QUARANTINE, build_manifest, ever_committed,
+                                            list_checkpoints, read_commit, retained_steps, seal, verify)
+from megatron_tts.compat.dist_ckpt import AllowListUnpickler as _AllowListUnpickler
+from megatron_tts.compat.dist_ckpt import metadata_allowed as _metadata_allowed
 
 
 def make_ckpt(root, step: int, files: dict[str, bytes], commit: bool = True) -> str:

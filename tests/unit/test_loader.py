@@ -376,25 +376,6 @@ def test_resume_with_a_different_global_batch_size_continues_the_pack_sequence(
     assert got == [row for step in uninterrupted[3:6] for row in rows_of(step)]
 
 
-def test_set_dp_in_place_keeps_the_epoch_exact(dataset: str, all_keys: list[str]) -> None:
-    a, b = make_loader(dataset), make_loader(dataset)
-    try:
-        keys = []
-        for _ in range(3):
-            step = a.next_step()
-            b.next_step()
-            keys += [k for m in step for row in m.sample_keys for k in row]
-        a.set_dp(0, 2)
-        b.set_dp(1, 2)
-        keys += run_epoch([a, b])
-        with pytest.raises(ValueError, match="micro_batch_size"):
-            a.set_dp(0, 8)
-    finally:
-        a.close()
-        b.close()
-    assert sorted(keys) == all_keys
-
-
 def test_state_mismatch_is_refused(dataset: str) -> None:
     with make_loader(dataset) as ld:
         ld.next_step()

@@ -73,7 +73,8 @@ def test_flops_of_a_config_use_the_padded_vocab(tmp_path):
 
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
     t = cfg.model.transformer
-    assert flops.model_flops_per_token(cfg) == flops.flops_per_token(
+    got = flops.model_flops_per_token(cfg.model.transformer, cfg.data.seq_len, padded_vocab_size(cfg))
+    assert got == flops.flops_per_token(
         num_layers=t.num_layers, hidden_size=t.hidden_size, ffn_hidden_size=t.ffn_hidden_size,
         num_attention_heads=t.num_attention_heads, num_query_groups=t.num_query_groups, seq_len=cfg.data.seq_len,
         vocab_size=padded_vocab_size(cfg))

@@ -51,13 +51,47 @@ def test_invalid_layout_names_every_problem(capsys):
         "num_attention_heads=32 is not divisible by parallel.tp=3; choose tp from [1, 2, 4, 8, 16, 32]",
         "num_query_groups=8 is not divisible by parallel.tp=3; choose tp from [1, 2, 4, 8]",
         "world size 1000 is not divisible by tp x pp = 12; launch a multiple of 12 processes",
-        "padded vocabulary (194560) is not divisible by parallel.tp=3",
         "data.seq_len=2048 is not divisible by parallel.tp=3",
         "average_in_collective=true conflicts with the per-token loss",
     ]
     assert f"{len(expected)} problem(s)" in err
     for problem in expected:
         assert problem in err, err
+
+
+def test_the_plan_and_training_refuse_the_same_layouts(capsys):
+    """One function validates a layout (megatron_tts.config.layout_problems): the planner and the
+    training entry point (megatron_tts.parallel.init_distributed -> validate_world) agree."""
+    from megatron_tts.config import ConfigError, load_config, validate_world
+
+    cases = [
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=321"], 2,
+         "data.seq_len=321 is not divisible by parallel.tp=2"),
+        (["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=12"], 4,
+         "micro-batches per step (3) to be a multiple of parallel.pp=2"),
+        (["parallel.tp=2", "model.vocab.padded_size=1152"], 2, "not a multiple of 128 x tp = 256"),
+    ]
+    for overrides, gpus, needle in cases:
+        assert P.main(["--config", TINY, "--gpus", str(gpus), *overrides]) == P.EXIT_INVALID
+        assert needle in capsys.readouterr().err
+        try:
+            cfg = load_config(TINY, overrides)
+            validate_world(cfg, gpus)
+        except ConfigError as e:
+            assert needle in str(e)
+        else:
+            raise AssertionError(f"training accepts {overrides}")
+
+
+def test_default_vocab_padding_splits_over_any_tp():
+    from megatron_tts.config import load_config, padded_vocab_size
+
+    for tp in (1, 2, 3, 4, 6, 8, 16):
+        cfg = load_config(LLASA_8B, ["parallel.tp=8"])
+        cfg.parallel.tp = tp  # the padding alone (heads may not split over every tp)
+        v = padded_vocab_size(cfg)
+        assert v % (128 * tp) == 0 and v >= 193_800
+    assert padded_vocab_size(load_config(LLASA_8B, ["parallel.tp=8"])) == 194_560  # unchanged for TP <= 8
 
 
 def test_batches_that_do_not_split_are_invalid(capsys):

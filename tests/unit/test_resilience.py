@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from megatron_tts import signals
 from megatron_tts.config import ConfigError, WatchdogConfig, load_config
 from megatron_tts.exit_codes import EXIT_REQUEUE, read_exit_records, record_exit
 from megatron_tts.watchdog import Watchdog, culprits, latest_incident, longest_window

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import fs
+from storage import fs
 from data_pipeline.shards import (
     DatasetIndex,
     Sample,

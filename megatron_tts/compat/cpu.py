@@ -1,26 +1,25 @@
 """Run real megatron-core (TP, SP, PP, DP, distributed optimizer, dist_checkpointing) on CPU with gloo.
 
-megatron-core hard-codes CUDA in a handful of places (file:line for 0.19.2 in
-../shared/notes/megatron-core-cpu.md). This module redirects exactly those, and nothing
-else, so the same training code runs on a laptop, in CI and on a GPU cluster:
+megatron-core hard-codes CUDA in a handful of places (the rows of megatron_tts.compat.WORKAROUNDS
+give each file:line). This module redirects exactly those, and nothing else, so the same
+training code runs on a laptop, in CI and on a GPU cluster:
 
-- a stand-in for the one triton MoE kernel module that ``import megatron.core`` reaches;
-- ``torch.cuda.current_device/synchronize/current_stream/Stream/Event`` as CPU no-ops;
-- a ``TorchFunctionMode`` that maps ``device="cuda"``, ``.cuda()``, ``.to("cuda")`` and
-  ``pin_memory`` to CPU, and reports CPU float tensors as ``torch.cuda.*Tensor`` to the
-  ``tensor.type()`` checks in clip_grads / distrib_optimizer;
-- an RNG tracker that forks the CPU generator instead of the CUDA one.
+- ``prepare_import()``: a stand-in for the one triton MoE kernel module that ``import
+  megatron.core`` reaches (only sys.modules is touched; megatron_tts.compat.mcore calls it);
+- ``apply()``, in a training process without CUDA (megatron_tts.parallel.init_distributed):
+  ``torch.cuda.current_device/synchronize/current_stream/Stream/Event`` as CPU no-ops; a
+  ``TorchFunctionMode`` that maps ``device="cuda"``, ``.cuda()``, ``.to("cuda")`` and
+  ``pin_memory`` to CPU and reports CPU float tensors as ``torch.cuda.*Tensor`` to the
+  ``tensor.type()`` checks in clip_grads / distrib_optimizer; an RNG tracker that forks the CPU
+  generator instead of the CUDA one.
 
-It depends on megatron-core internals: ``apply()`` refuses any version other than the pinned
-one, and tests/unit/test_cpu_compat.py exercises every redirection. It is a no-op when CUDA
-is available. Because TorchFunctionMode is thread-local, ``apply()`` must also run in every
-thread or spawned process that calls into megatron-core (``enter_device_mode()``).
+``apply()`` is a no-op when CUDA is available. Because TorchFunctionMode is thread-local, it must
+also run in every thread or spawned process that calls into megatron-core (``enter_device_mode()``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import sys
 import types
@@ -28,8 +27,6 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-
-PINNED_MEGATRON_CORE = "0.19.2"
 
 log = logging.getLogger(__name__)
 _applied = False
@@ -47,8 +44,10 @@ def apply() -> bool:
     if _applied:
         enter_device_mode()
         return True
-    _check_version()
-    _stub_triton_kernels()
+    from megatron_tts.compat import check_versions
+
+    check_versions()
+    prepare_import()
     _patch_cuda_runtime()
     enter_device_mode()
     _patch_rng_tracker()
@@ -61,21 +60,9 @@ def is_active() -> bool:
     return _applied
 
 
-def _check_version() -> None:
-    try:
-        version = importlib.metadata.version("megatron-core")
-    except importlib.metadata.PackageNotFoundError as e:
-        raise RuntimeError("megatron-core is not installed: run `make install`") from e
-    if version != PINNED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"megatron_tts.cpu_compat patches megatron-core {PINNED_MEGATRON_CORE} internals but "
-            f"megatron-core {version} is installed; install the pinned version "
-            f"(`make install`) or run on a CUDA machine where the layer is not needed"
-        )
-
-
-def _stub_triton_kernels() -> None:
-    """`import megatron.core` reaches an MoE triton kernel module; dense models never call it."""
+def prepare_import() -> None:
+    """`import megatron.core` reaches an MoE triton kernel module; dense models never call it.
+    Without triton, a stand-in module that raises if called. Touches sys.modules only."""
     try:
         import triton  # noqa: F401
 

@@ -1,28 +1,23 @@
 """Workarounds for megatron-core 0.19.2 bugs that silently break a distributed-optimizer resume
 when megatron falls back to torch's AdamW (no transformer-engine/apex: CPU, or a GPU without
-them). Each is pinned to the version and proven by tests/distributed/test_resume.py, which
-compares a resumed run with an uninterrupted one bit for bit.
+them). Rows of megatron_tts.compat.WORKAROUNDS; proven by tests/distributed/test_resume.py,
+which compares a resumed run with an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
 
-PINNED = "0.19.2"
+from megatron_tts.compat.mcore import DistributedOptimizer
+
 _applied = False
 
 
 def apply() -> None:
+    """Patch DistributedOptimizer once per process (version-checked by megatron_tts.compat)."""
     global _applied
     if _applied:
         return
-    if importlib.metadata.version("megatron-core") != PINNED:
-        raise RuntimeError(f"megatron_tts.mcore_fixes targets megatron-core {PINNED}; re-check the "
-                           "bugs below against the installed version and update the pin")
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):
@@ -35,6 +30,15 @@ def apply() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
     _applied = True
+
+
+def init_optimizer_states(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam states until its first step; loading needs them
+    (distrib_optimizer.py:839 asserts, :1223 KeyError 'step')."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()
 
 
 def unshare_adam_steps(optimizer) -> None:

@@ -1,4 +1,4 @@
-"""megatron_tts.cpu_compat: every redirection of megatron-core's hard-coded CUDA calls, and one real
+"""megatron_tts.compat.cpu: every redirection of megatron-core's hard-coded CUDA calls, and one real
 megatron-core GPTModel forward + backward on CPU through it."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("the CPU compatibility layer is a no-op on CUDA machines", allow_module_level=True)
 
-from megatron_tts import cpu_compat  # noqa: E402
+import megatron_tts.compat as compat  # noqa: E402
+from megatron_tts.compat import cpu as cpu_compat  # noqa: E402
 
 from tests.helpers import SMALL  # noqa: E402
 
@@ -150,22 +151,26 @@ def test_rng_tracker_forks_the_cpu_generator():
 
 
 def test_version_mismatch_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(cpu_compat.importlib.metadata, "version", lambda name: "0.99.0")
-    with pytest.raises(RuntimeError) as info:
-        cpu_compat.apply()
+    monkeypatch.setattr(compat.importlib.metadata, "version", lambda name: "0.99.0")
+    with pytest.raises(compat.VersionError) as info:
+        compat.check_versions()
     msg = str(info.value)
-    assert "0.19.2" in msg and "0.99.0" in msg and "install the pinned version" in msg
+    assert "0.19.2" in msg and "0.99.0" in msg and "make install" in msg and "WORKAROUNDS" in msg
 
 
 def test_missing_megatron_is_a_clear_error(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(cpu_compat.importlib.metadata, "version", missing)
-    with pytest.raises(RuntimeError, match="megatron-core is not installed"):
-        cpu_compat.apply()
+    monkeypatch.setattr(compat.importlib.metadata, "version", missing)
+    with pytest.raises(compat.VersionError, match="megatron-core is not installed"):
+        compat.check_versions()
+
+
+def test_an_unchecked_torch_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "3.0.0")
+    with pytest.raises(compat.VersionError, match="torch 3.0.0 is not one of the checked releases"):
+        compat.check_versions()
 
 
 def test_import_megatron_core_works():

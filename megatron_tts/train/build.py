@@ -1,0 +1,207 @@
+"""Assembling a run: process groups, loader, model, optimizer, scheduler, checkpointer, metrics
+and monitor, in the order that fails fastest on bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.layouts import build_layout
+from data_pipeline.loader import PackedLoader
+from data_pipeline.tokenizer import build_tokenizer
+from megatron_tts import faults, signals
+from megatron_tts.checkpoint.checkpointer import Checkpointer
+from megatron_tts.compat.mcore import (
+    DistributedDataParallel,
+    finalize_model_grads,
+    model_parallel_cuda_manual_seed,
+    parallel_state,
+)
+from megatron_tts.config import Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict, vocab_layout
+from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
+from megatron_tts.optim import build_optimizer, build_scheduler
+from megatron_tts.parallel import Layout, init_distributed
+from megatron_tts.step_guard import StepGuard
+from monitoring.metrics import MetricsLogger, TensorBoardSink, WandbSink
+from monitoring.monitor import Monitor
+
+log = logging.getLogger("megatron_tts")
+
+
+@dataclass
+class TrainState:
+    """Progress counters; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0  # packed sequences (global batch x steps), megatron's convention
+    consumed_tokens: int = 0  # real (non-padding) tokens
+    consumed_docs: int = 0  # utterances
+    consumed_audio_s: float = 0.0  # seconds of audio in those utterances (codec frames / frame rate)
+
+    def advance(self, global_batch_size: int, stats) -> None:
+        """One applied (or guard-skipped) step's data, from the step's global statistics."""
+        self.step += 1
+        self.consumed_samples += global_batch_size
+        self.consumed_tokens += int(stats.tokens)
+        self.consumed_docs += int(stats.docs)
+        self.consumed_audio_s += stats.audio_s
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    layout: Layout
+    model: list
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    checkpointer: Checkpointer
+    metrics: Optional[MetricsLogger]
+    guard: StepGuard
+    monitor: Monitor
+    state: TrainState = field(default_factory=TrainState)
+    num_params: int = 0
+    attempts: int = 0  # train_step calls in this process (not rolled back): fault-injection key
+    incarnation: Optional[str] = None  # one id per start of the job (logging.ledger)
+    hooks: Any = None  # megatron_tts.train.hooks.Hooks, installed by the loop
+
+
+def wrap_ddp(cfg: Config, chunks: list) -> list:
+    tcfg = cfg.model.transformer
+    ddp_cfg = cfg.parallel.ddp
+    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c,
+                                     disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    # megatron's schedules find these hooks on the TransformerConfig (its documented contract).
+    tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if ddp_cfg.overlap_grad_reduce:
+        tcfg.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
+    if ddp_cfg.overlap_param_gather and ddp_cfg.align_param_gather:
+        tcfg.param_sync_func = [m.start_param_sync for m in model] if len(model) > 1 else model[0].start_param_sync
+    return model
+
+
+def build_loader(cfg: Config, layout: Layout) -> PackedLoader:
+    tok = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
+                          expected_vocab_size=cfg.model.vocab.text_vocab_size)
+    lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments)
+    return PackedLoader(cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
+                        micro_batch_size=cfg.train.micro_batch_size,
+                        global_batch_size=cfg.train.global_batch_size,
+                        dp_rank=layout.dp_rank, dp_size=layout.dp, seed=cfg.train.seed,
+                        pack_window=cfg.data.pack_window, num_workers=cfg.data.num_workers,
+                        prefetch=cfg.data.prefetch)
+
+
+def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[list, Any, int]:
+    """The DDP-wrapped model chunks of this rank, megatron's optimizer over them, and the global
+    parameter count (a collective over the model-parallel group)."""
+    seed = cfg.train.seed if seed is None else seed
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    chunks = build_model_chunks(cfg)
+    num_params = _global_param_count(chunks)
+    model = wrap_ddp(cfg, chunks)
+    return model, build_optimizer(cfg, model), num_params
+
+
+def build_run(cfg: Config) -> Run:
+    layout = init_distributed(cfg)
+    setup_logging(layout)
+    if uses_transformer_engine(cfg) and cfg.train.micro_batch_size != 1:
+        raise RuntimeError("with transformer-engine, packed documents are separated through THD "
+                           "packed_seq_params, which need train.micro_batch_size=1 (raise "
+                           "train.global_batch_size instead), or set model.layer_spec=local")
+    # Built before the model: a bad dataset path or tokenizer fails in seconds, not after init.
+    loader = build_loader(cfg, layout)
+    model, optimizer, num_params = build_model_and_optimizer(cfg)
+    scheduler = build_scheduler(cfg, optimizer)
+    state = TrainState()
+    guard = StepGuard(cfg.guard)
+    fail = None
+    if faults.enabled():
+        def fail(rank: int, step: int, attempt: int) -> bool:
+            return faults.active("checkpoint_write_error", rank=rank, step=step, attempt=attempt)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
+                                components={"train": state, "scheduler": scheduler, "loader": loader, "guard": guard},
+                                config=cfg.checkpoint, distributed_optimizer=cfg.optim.distributed,
+                                seed=cfg.train.seed, fail=fail)
+    if layout.rank == 0:
+        _save_resolved_config(cfg, layout, num_params)
+    metrics = _metrics(cfg) if layout.is_logging_rank else None
+    monitor = Monitor(cfg, layout, cfg.train.run_dir, metrics, dtype=resolve_dtype(cfg),  # every rank: a collective
+                      vocab_size=padded_vocab_size(cfg), profile_requests=signals.profile_requests)
+    tcfg = cfg.model.transformer
+    tcfg.finalize_model_grads_func = monitor.wrap_grad_sync(tcfg.finalize_model_grads_func)
+    if metrics is not None:
+        checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
+    return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
+               num_params, incarnation=_incarnation() if cfg.logging.ledger else None)
+
+
+def _save_resolved_config(cfg: Config, layout: Layout, num_params: int) -> None:
+    os.makedirs(cfg.train.run_dir, exist_ok=True)
+    derived = (f"# derived at launch: world_size={layout.world_size} tp={layout.tp} pp={layout.pp} "
+               f"dp={layout.dp} micro_batches={cfg.num_microbatches(layout.dp)} "
+               f"padded_vocab={padded_vocab_size(cfg)} dtype={resolve_dtype(cfg)} "
+               f"backend={resolve_backend(cfg)} params={num_params}\n")
+    text = derived + dump_yaml(cfg)
+    with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
+        f.write(text)
+    log.info("resolved config (saved to %s/config.yaml):\n%s", cfg.train.run_dir, text)
+
+
+def _metrics(cfg: Config) -> MetricsLogger:
+    sinks = []
+    if cfg.logging.wandb:
+        sinks.append(WandbSink(cfg.logging.wandb_project, cfg.train.run_dir, to_dict(cfg), cfg.logging.wandb_mode))
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(os.path.join(cfg.train.run_dir, "tensorboard")))
+    return MetricsLogger(cfg.train.run_dir, console=cfg.logging.console, extra_sinks=sinks)
+
+
+def _incarnation() -> str:
+    """One id per incarnation of the job (restarts redo the steps after the last commit)."""
+    ids = [f"{time.time():.6f}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
+def _global_param_count(chunks: list) -> int:
+    n = torch.tensor([count_parameters(chunks)], dtype=torch.float64)
+    if dist.is_initialized():
+        # TP shards and PP stages hold disjoint parameters (tied embeddings counted per stage).
+        dist.all_reduce(n, group=parallel_state.get_model_parallel_group())
+    return int(n.item())
+
+
+# megatron-core warnings that do not apply to how we call it (we use GPTModel on purpose, and
+# the synchronous torch_dist save path); every other megatron warning is shown.
+_BENIGN = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
+
+
+def _drop_benign(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BENIGN)
+
+
+def setup_logging(layout: Layout) -> None:
+    level = logging.INFO if layout.rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{layout.rank}] %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_benign)
+    for noisy in ("megatron.core", "megatron"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if layout.rank == 0 else logging.ERROR)

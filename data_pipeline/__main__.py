@@ -2,7 +2,13 @@
 
     python -m data_pipeline inspect PATH [--json] [--verify] [--max-shards N]
     python -m data_pipeline index SHARD... [--dataset DIR] [--name NAME] [--codec-json JSON]
+    python -m data_pipeline write MANIFEST.jsonl --out DIR (--codec-json JSON | --codec-from DATASET)
+                                  [--name NAME] [--samples-per-shard N]
     python -m data_pipeline build-demo ...        (data_pipeline.demo.main)
+
+``write`` turns codes already computed elsewhere into a dataset: one JSON line per sample,
+``{"key": "corpus/spk/utt", "codes": "utt.npy" or [[...]], "text": "...", "meta": {...}}``
+(a relative .npy path is taken from the manifest's directory; codes are [n_q, T] raw codec ids).
 
 PATH may be a shard tar, its ``.idx.json`` sidecar, a dataset dir or its
 ``index.json``, local or remote (s3://...).
@@ -29,10 +35,12 @@ from .shards import (
     DatasetIndex,
     ShardError,
     ShardIndex,
+    Sample,
     ShardSummary,
     build_shard_index,
     index_path_for,
     load_shard_index,
+    write_dataset,
 )
 
 EXIT_OK = 0
@@ -304,6 +312,40 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _manifest_samples(path: str) -> Any:
+    import numpy as np
+
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                codes = row["codes"]
+                if isinstance(codes, str):
+                    codes = np.load(codes if os.path.isabs(codes) else os.path.join(base, codes), allow_pickle=False)
+                codes = np.asarray(codes)
+                if codes.ndim == 1:
+                    codes = codes[None, :]
+                yield Sample(key=row["key"], codes=codes, text=row.get("text", ""), meta=row.get("meta") or {})
+            except (KeyError, ValueError, TypeError, OSError) as e:
+                raise CliError(f"{path}:{n}: {type(e).__name__}: {e} (want key, codes, text[, meta])") from None
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    if bool(args.codec_json) == bool(args.codec_from):
+        raise CliError("write: give exactly one of --codec-json JSON or --codec-from DATASET")
+    codec = json.loads(args.codec_json) if args.codec_json else DatasetIndex.load(args.codec_from).codec
+    if fs.exists(fs.join(args.out, INDEX_FILENAME)):
+        raise CliError(f"{args.out} already holds a dataset ({INDEX_FILENAME}); write into a new directory")
+    name = args.name or fs.basename(args.out.rstrip("/")) or "dataset"
+    ds = write_dataset(args.out, _manifest_samples(args.manifest), codec, args.samples_per_shard, name)
+    print(f"{fs.join(args.out, INDEX_FILENAME)}: {len(ds.shards)} shards, {ds.n_samples} samples, "
+          f"{ds.n_frames} frames, {ds.seconds / 3600:.4f} h")
+    return EXIT_OK
+
+
 def cmd_build_demo(argv: Sequence[str]) -> int:
     from . import demo  # lazy: demo pulls in codec code the other commands do not need
 
@@ -324,6 +366,14 @@ def _parser() -> argparse.ArgumentParser:
     px.add_argument("--dataset", metavar="DIR", help="also write DIR/index.json over these shards")
     px.add_argument("--name", help="dataset name (default: basename of DIR)")
     px.add_argument("--codec-json", help="codec dict as JSON, for tars whose metadata lacks one")
+    pw = sub.add_parser("write", help="write a dataset from a JSONL manifest of codes and transcripts")
+    pw.add_argument("manifest", help="JSONL: key, codes (.npy path or nested list [n_q][T]), text, meta")
+    pw.add_argument("--out", required=True, metavar="DIR", help="the new dataset directory (local or s3://)")
+    pw.add_argument("--codec-json", help="the codec dict as JSON (name, version, sample_rate, frame_rate, n_q, "
+                                         "codebook_size[, checkpoint_sha256])")
+    pw.add_argument("--codec-from", metavar="DATASET", help="take the codec dict of an existing dataset")
+    pw.add_argument("--name", help="dataset name (default: basename of DIR)")
+    pw.add_argument("--samples-per-shard", type=int, default=1000)
     sub.add_parser("build-demo", help="build the demo dataset (see build-demo --help)", add_help=False)
     return p
 
@@ -336,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.cmd == "inspect":
             return cmd_inspect(args)
+        if args.cmd == "write":
+            return cmd_write(args)
         return cmd_index(args)
     except BrokenPipeError:
         # Reader went away (e.g. `| head`); silence the flush at interpreter exit.

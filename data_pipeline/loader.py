@@ -31,7 +31,7 @@ from . import shards
 from .batch import Batch, PackRow, _collate, build_attention_mask, build_pack_row  # noqa: F401
 from .byte_ranges import coalesce, fetch_spans
 from .layouts import Encoded, Layout, LayoutError
-from .packing import GlobalOrder, Pack, PackPlanner, PackStream, Position, WindowPlan
+from .packing import NoPacks, GlobalOrder, Pack, PackPlanner, PackStream, Position, WindowPlan
 from .sources import DataConfigError, load_sources
 from .tokenizer import TextTokenizer
 
@@ -44,6 +44,7 @@ _MAX_COALESCED_READ = 64 << 20
 _READ_RETRIES = 3
 _INDEX_THREADS = 16
 _STARVED_WARN_S = 60.0
+_TOO_LONG_WARNINGS = 5  # samples longer than seq_len logged one by one
 
 
 @dataclass
@@ -161,6 +162,7 @@ class PackedLoader:
         self.sources = src.names  # one name per entry of paths: its dataset name (index.json)
         self._shard_urls, self._indexes = src.shard_urls, src.indexes
         self._shard_source, self._frame_rates = src.shard_source, src.frame_rates
+        self._codec = shards.codec_identity(src.codecs[0])
         self._shard_names = [fs.basename(u) for u in self._shard_urls]
         self._dataset_fingerprint = self._fingerprint()
         sizes = [len(ix.samples) for ix in self._indexes]
@@ -186,6 +188,7 @@ class PackedLoader:
         self._warned: set[tuple[str, str]] = set()
         self._warned_shards: set[str] = set()
         self._plan_logged = False
+        self._too_long_seen = 0
 
         self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="loader-worker") if self.num_workers > 1 else None
         self._thread: threading.Thread | None = None
@@ -211,6 +214,10 @@ class PackedLoader:
                 f"{self.micro_batch_size} * {dp_size}; choose a global_batch_size that is a multiple of "
                 f"{self.micro_batch_size * dp_size} (or change micro_batch_size / the data-parallel size)"
             )
+
+    def codec_identity(self) -> dict:
+        """The codec every dataset of this loader was tokenized with (identical across them)."""
+        return dict(self._codec)
 
     def _check_codec(self, path: str, codec: dict) -> None:
         n_q = codec.get("n_q")
@@ -259,10 +266,14 @@ class PackedLoader:
     def _on_window(self, gen: _Gen, plan: WindowPlan) -> None:
         for t in plan.too_long:
             gen.pending.skipped_too_long += 1
-            self._warn_sample(
-                t.shard, t.index,
-                f"is {t.length} tokens > seq_len={self.seq_len}; skipped (raise data.seq_len or split the utterance)",
-            )
+            self._too_long_seen += 1
+            if self._too_long_seen <= _TOO_LONG_WARNINGS:  # then counted (skipped_too_long) and summarised
+                self._warn_sample(
+                    t.shard, t.index,
+                    f"is {t.length} tokens > seq_len={self.seq_len}; skipped (raise data.seq_len or split the utterance)"
+                    + ("; further ones are counted in skipped_too_long, not logged one by one"
+                       if self._too_long_seen == _TOO_LONG_WARNINGS else ""),
+                )
         n_invalid = plan.n_samples - sum(p.n_docs for p in plan.packs) - len(plan.too_long)
         gen.pending.skipped_bad_sample += n_invalid
         if not self._plan_logged:
@@ -373,7 +384,10 @@ class PackedLoader:
         global_docs = global_tokens = 0
         for i in range(self.global_batch_size):
             epoch = gen.stream.position.epoch
-            pack, _ = gen.stream.next_pack()
+            try:
+                pack, _ = gen.stream.next_pack()
+            except NoPacks as e:
+                raise DataConfigError(f"{e} [datasets: {', '.join(self.paths)}]") from None
             global_docs += pack.n_docs
             global_tokens += pack.n_tokens
             if lo <= i < hi:

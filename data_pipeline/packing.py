@@ -181,6 +181,10 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+class NoPacks(ValueError):
+    """Not one sample of an epoch fits a sequence (all too long, or none can be laid out)."""
+
+
 @dataclass(frozen=True)
 class Pack:
     """One packed sequence: documents in row order."""
@@ -318,7 +322,7 @@ class PackStream:
             self.position = self._advance_window(pos)
             scanned += 1
             if scanned > windows:
-                raise RuntimeError(
+                raise NoPacks(
                     f"a whole epoch produced no packs: every sample is longer than seq_len={self.planner.seq_len} "
                     "or cannot be laid out (raise data.seq_len or split the utterances; see the warnings above)"
                 )

@@ -280,7 +280,8 @@ class DatasetIndex:
         try:
             raw = fs.read_bytes(index_url)
         except FsError as e:
-            raise ShardError(index_url, "missing dataset index") from e
+            raise ShardError(index_url, "missing dataset index; build it from the shards with "
+                                        f"`python -m data_pipeline index {base}/*.tar --dataset {base}`") from e
         try:
             idx = cls.from_json(raw)
         except ValueError as e:
@@ -355,6 +356,34 @@ def validate_codec(codec: dict) -> dict:
     out["n_q"] = int(codec["n_q"])
     out["codebook_size"] = int(codec["codebook_size"])
     return out
+
+
+# What identifies a codec: two datasets agreeing on all of it hold the same kind of codes.
+CODEC_IDENTITY_KEYS = CODEC_KEYS + ("checkpoint_sha256",)
+
+
+def codec_identity(codec: dict) -> dict:
+    """The identifying fields of a dataset's codec (name, version, sample and frame rate, books,
+    codebook size, weights sha256), numbers normalised so that 50 and 50.0 agree."""
+    out = {}
+    for k in CODEC_IDENTITY_KEYS:
+        if k in codec and codec[k] is not None:
+            v = codec[k]
+            out[k] = float(v) if k in ("sample_rate", "frame_rate") else (str(v) if k == "version" else v)
+    return out
+
+
+def codec_differences(a: dict, b: dict) -> list[str]:
+    """Identity fields on which two codec dicts disagree (one recording a field the other lacks counts)."""
+    ia, ib = codec_identity(a), codec_identity(b)
+    return [f"{k}: {ia.get(k, 'not recorded')!r} vs {ib.get(k, 'not recorded')!r}"
+            for k in CODEC_IDENTITY_KEYS if ia.get(k) != ib.get(k)]
+
+
+def zero_frames_problem(n_frames: int) -> str | None:
+    """The one rule the writer and the index builder share: a sample without codec frames holds
+    no speech to train on."""
+    return "codes have 0 frames (no speech to train on)" if n_frames == 0 else None
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:

@@ -35,6 +35,7 @@ from .shard_format import (
     index_path_for,
     split_member_name,
     validate_codec,
+    zero_frames_problem,
 )
 
 # --------------------------------------------------------------------------- tar parsing
@@ -383,6 +384,9 @@ def _check_sample_codec(url: str, s: Sample, codec: dict | None) -> dict:
         raise SampleError(url, f"codes n_q={s.codes.shape[0]} != codec n_q={n_q}", key=s.key)
     if s.codes.size and (s.codes.min() < 0 or s.codes.max() >= cbs):
         raise SampleError(url, f"codes outside codebook [0, {cbs})", key=s.key)
+    problem = zero_frames_problem(int(s.codes.shape[1]))
+    if problem:  # as the shard writer refuses it
+        raise SampleError(url, f"{problem}; remove it from the tar, or re-tokenize its audio", key=s.key)
     return codec
 
 

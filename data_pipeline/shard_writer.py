@@ -32,6 +32,7 @@ from .shard_format import (
     index_path_for,
     validate_codec,
     validate_key,
+    zero_frames_problem,
 )
 
 # --------------------------------------------------------------------------- writer
@@ -133,8 +134,9 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r}: codes dtype {arr.dtype} is not an integer type")
         if arr.ndim != 2 or arr.shape[0] != n_q:
             raise ValueError(f"sample key {key!r}: codes shape {arr.shape} != [n_q={n_q}, T]")
-        if arr.shape[1] == 0:
-            raise ValueError(f"sample key {key!r}: codes have 0 frames")
+        problem = zero_frames_problem(arr.shape[1])
+        if problem:
+            raise ValueError(f"sample key {key!r}: {problem}")
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= cbs:
             q, t = np.argwhere((arr < 0) | (arr >= cbs))[0]

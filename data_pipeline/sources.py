@@ -56,6 +56,13 @@ def load_sources(paths: list[str], check_codec: Callable[[str, dict], None]) -> 
         except Exception as e:
             raise DataConfigError(f"cannot load dataset index of {path}: {e}") from e
         check_codec(path, ds.codec)
+        if codecs:
+            diff = shards.codec_differences(codecs[0], ds.codec)
+            if diff:
+                raise DataConfigError(
+                    f"datasets {paths[0]} and {path} were tokenized by different codecs ({'; '.join(diff)}): "
+                    "their codes mean different sounds and must not share token ids. Tokenize both with one codec "
+                    "(python -m data_pipeline tokenize), or train on one of them")
         urls.extend(ds.shard_urls())
         summaries.extend(ds.shards)
         shard_source.extend([len(names)] * len(ds.shards))

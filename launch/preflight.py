@@ -300,7 +300,7 @@ def allreduce_busbw(device, megabytes: float, iters: int) -> tuple[float, float]
 
 
 def checkpoint_dir_checks(path: str, write_mb: float, min_write_mbps: float, min_free_gb: float,
-                          tag: str) -> list[Check]:
+                          tag: str, free_reason: str = "") -> list[Check]:
     checks = []
     try:
         os.makedirs(path, exist_ok=True)
@@ -326,8 +326,8 @@ def checkpoint_dir_checks(path: str, write_mb: float, min_write_mbps: float, min
         checks.append(Check("ckpt.write", False, None, f">= {min_write_mbps:g}", "MB/s", f"{path}: {e}"))
     try:
         free_gb = shutil.disk_usage(path).free / 1e9
-        checks.append(Check("ckpt.free", free_gb >= min_free_gb, free_gb, f">= {min_free_gb:g}", "GB",
-                            f"free space in {path}"))
+        checks.append(Check("ckpt.free", free_gb >= min_free_gb, free_gb, f">= {min_free_gb:.4g}", "GB",
+                            f"free space in {path}" + (f"; needed: {free_reason}" if free_reason else "")))
     except OSError as e:
         checks.append(Check("ckpt.free", False, None, f">= {min_free_gb:g}", "GB", f"{path}: {e}"))
     return checks
@@ -394,7 +394,7 @@ def node_checks(args, world: World) -> tuple[NodeReport, Any]:
 
     if args.ckpt_dir:
         checks.extend(checkpoint_dir_checks(args.ckpt_dir, args.write_mb, args.min_write_mbps, args.min_free_gb,
-                                            f"{node}-{world.rank}"))
+                                            f"{node}-{world.rank}", args.min_free_reason))
     else:
         checks.append(Check("ckpt.write", None, detail="no --ckpt-dir given"))
     return report, collective_device
@@ -536,16 +536,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", help="checkpoint directory to test (created if missing)")
     p.add_argument("--write-mb", type=float, default=256, help="MB written + fsynced (default 256)")
     p.add_argument("--min-write-mbps", type=float, default=100, help="write speed floor in MB/s (default 100)")
-    p.add_argument("--min-free-gb", type=float, default=100, help="free space floor in GB (default 100)")
+    p.add_argument("--min-free-gb", type=float, default=None,
+                   help="free space floor in GB (default: derived from --config: the checkpoint size of its model "
+                        "with optimizer state x (checkpoint.keep_last + 1) x 1.2; 100 without --config)")
+    p.add_argument("--config", help="the run's recipe: derives --min-free-gb from its checkpoint size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the recipe, as given to launch.pretrain (repeatable)")
     p.add_argument("--store-endpoint", help="HOST:PORT of a running TCPStore (launch.rdzv_store) to meet the "
                                             "other nodes through, instead of MASTER_ADDR/MASTER_PORT")
     p.add_argument("--timeout-s", type=float, default=300, help="rendezvous and collective timeout (default 300)")
     return p
 
 
+def derive_min_free(args) -> None:
+    """--min-free-gb from the recipe's checkpoint size, unless given; the reason goes with it."""
+    args.min_free_reason = ""
+    if args.min_free_gb is not None:
+        args.min_free_reason = "--min-free-gb as given"
+        return
+    if not args.config:
+        args.min_free_gb = 100.0
+        args.min_free_reason = "the default without --config"
+        return
+    from megatron_tts.config import ConfigError, checkpoint_space_bytes, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        raise UsageError(f"--config {args.config}: {e}") from None
+    need, why = checkpoint_space_bytes(cfg)
+    args.min_free_gb = need / 1e9
+    args.min_free_reason = why
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        derive_min_free(args)
         world = world_from_env()
         parse_slowdown(os.environ.get(SLOWDOWN_ENV, ""))
         import torch

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from megatron_tts import signals
-from megatron_tts.exit_codes import EXIT_CRASH, EXIT_FATAL, clear_exit_record, exit_record_path, record_exit
+from megatron_tts.exit_codes import EXIT_CRASH, EXIT_FATAL, exit_record_path, record_exit
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -25,9 +25,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.loader import DataConfigError
     from data_pipeline.shards import ShardError
     from data_pipeline.tokenizer import TokenizerError
+    from megatron_tts.checkpoint import CheckpointError
     from megatron_tts.config import ConfigError
+    from megatron_tts.resume import ResumeError
+    from megatron_tts.run_lock import RunDirError, RunDirLocked
 
-    return ConfigError, DataConfigError, TokenizerError, LayoutError, ShardError
+    return (ConfigError, DataConfigError, TokenizerError, LayoutError, ShardError, ResumeError, CheckpointError,
+            RunDirLocked, RunDirError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,21 +55,32 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         run_dir = cfg.train.run_dir
-        clear_exit_record(run_dir, rank)  # a previous incarnation's code must not stand for this one
-        return run_training(cfg)  # writes RUN_DIR/exit/rank_XXXXX.json once it has started
+        # run_training clears this rank's old exit record once it holds the run directory's lock,
+        # and writes RUN_DIR/exit/rank_XXXXX.json when it ends.
+        return run_training(cfg)
     except user_errors as e:
         # Every rank reports: an input error seen by one rank only must not be silent.
         prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        if run_dir is not None:
+        if _may_record(run_dir):
             record_exit(run_dir, rank, EXIT_FATAL, error=str(e)[:2000])
         return EXIT_FATAL
     except BaseException as e:
-        if run_dir is not None and not os.path.exists(exit_record_path(run_dir, rank)):
+        if _may_record(run_dir) and not os.path.exists(exit_record_path(run_dir, rank)):
             record_exit(run_dir, rank, EXIT_CRASH, error=repr(e)[:2000])  # failed during set-up
         raise
     finally:
         signals.ignore_from_now()  # the code is decided: a late signal must not turn it into -15
+
+
+def _may_record(run_dir: str | None) -> bool:
+    """An exit record goes into the run directory unless another live job holds it (a job refused
+    by the lock, or one that failed before taking it, must not write over the holder's record)."""
+    if run_dir is None or not os.path.isdir(run_dir):
+        return run_dir is not None
+    from megatron_tts.run_lock import held_by_another_job
+
+    return held_by_another_job(run_dir) is None
 
 
 def _exit(code: int) -> None:

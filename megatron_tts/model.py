@@ -144,4 +144,15 @@ def init_layout_invariant(model: torch.nn.Module, cfg: Config) -> None:
 
 
 def count_parameters(chunks: list[torch.nn.Module]) -> int:
-    return sum(p.numel() for c in chunks for p in c.parameters())
+    """This rank's share of the model's parameters, such that the sum over the model-parallel
+    group is the model's size: TP-replicated ones (norms) count on TP rank 0 only, and the last
+    stage's copy of tied embeddings not at all."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    n = 0
+    for c in chunks:
+        for p in c.parameters():
+            if getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
+                continue
+            if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+                n += p.numel()
+    return n

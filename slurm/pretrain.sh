@@ -176,8 +176,11 @@ if [[ $PREFLIGHT == 1 ]]; then
         log "preflight: python -m launch.preflight on every node"
         # It meets through the job's store. PREFLIGHT_ARGS come last and win (e.g. --ckpt-dir when
         # checkpoint.dir is elsewhere, --expect-gpus 8, --min-busbw-gbps).
+        # The free-space floor follows the recipe's checkpoint size (--config, --set).
+        SET_ARGS=()
+        for o in "${OVERRIDE_ARGS[@]}"; do SET_ARGS+=(--set "$o"); done
         srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --label \
-            "$PYTHON" -m launch.preflight --ckpt-dir "$RUN_DIR/checkpoints" \
+            "$PYTHON" -m launch.preflight --ckpt-dir "$RUN_DIR/checkpoints" --config "$CONFIG" "${SET_ARGS[@]}" \
             --store-endpoint "$HEAD_ADDR:$STORE_PORT" --json "$LOG_DIR/preflight.json" "${PREFLIGHT_EXTRA[@]}"
         rc=$?
         # Bad hardware does not heal by requeueing onto it: stop, naming the nodes (its table

@@ -68,9 +68,12 @@ class Checkpointer(Restoring):
 
     def __init__(self, root: str, layout, model: list, optimizer, components: dict[str, Stateful], config,
                  distributed_optimizer: bool, seed: int, on_event: Optional[Callable[[dict], None]] = None,
-                 fail: Optional[Callable[[int, int, int], bool]] = None) -> None:
+                 fail: Optional[Callable[[int, int, int], bool]] = None, fingerprint: Optional[dict] = None,
+                 on_commit: Optional[Callable[[int, str], None]] = None) -> None:
         """``config``: the CheckpointConfig section. ``fail(rank, step, attempt)``: fault injection
-        of a write error (megatron_tts.faults; None when off)."""
+        of a write error (megatron_tts.faults; None when off). ``fingerprint``: what the weights
+        mean, saved with every checkpoint (megatron_tts.resume). ``on_commit(step, path)``: rank 0,
+        after each commit (the run directory's own record of commits)."""
         self.root = root
         self.layout = layout
         self.model = model
@@ -85,6 +88,8 @@ class Checkpointer(Restoring):
         self.mirror_retries = config.mirror_retries
         self.on_event = on_event  # metrics sink (set on the logging rank)
         self.fail = fail
+        self.fingerprint = fingerprint
+        self.on_commit = on_commit
         self.last_save_blocking_s = 0.0
         self.failures = 0  # saves that failed after their retry (checkpoint_failures)
         self.mirror_failures = 0
@@ -196,11 +201,15 @@ class Checkpointer(Restoring):
     def _prepare(self, save: _Save, tmp: str) -> None:
         """Rank 0: clear what a crash left, check the space (pruning early if short), create tmp."""
         os.makedirs(self.root, exist_ok=True)
+        final = self._paths(save.step)[1]
+        if os.path.isfile(os.path.join(final, fmt.COMMITTED)):
+            raise RuntimeError(f"checkpoint step {save.step} is already committed at {final}; a committed "
+                               "checkpoint is never replaced (is another job writing to this run directory?)")
         for name in os.listdir(self.root):  # left by a crash: partial saves, a re-save's old copy
             path = os.path.join(self.root, name)
             if name.startswith(fmt.TMP_PREFIX) or (name.startswith(fmt.TRASH_PREFIX) and not self._deleting):
                 shutil.rmtree(path, ignore_errors=True)
-            elif name.endswith(fmt.REPLACED):
+            elif name.endswith(fmt.REPLACED):  # an older version's re-save, interrupted
                 original = path[:-len(fmt.REPLACED)]
                 if os.path.exists(original):
                     fmt.remove_checkpoint(path)
@@ -234,6 +243,7 @@ class Checkpointer(Restoring):
             state = {"step": save.step, "world_size": lay.world_size,
                      "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
                      "components": {name: c.state_dict() for name, c in self.components.items()},
+                     **({"fingerprint": self.fingerprint} if self.fingerprint is not None else {}),
                      **(save.extra or {})}
             write_durable(os.path.join(tmp, fmt.STATE_FILE), json.dumps(state, indent=1).encode())
 
@@ -290,6 +300,8 @@ class Checkpointer(Restoring):
                 os.fsync(f.fileno())
         except OSError as e:
             log.warning("checkpoint step %d committed, but %s could not be appended: %s", save.step, fmt.LEDGER, e)
+        if self.on_commit is not None:
+            self.on_commit(save.step, final)
         return None
 
     def _seal_tmp(self, tmp: str) -> tuple[dict, str]:
@@ -313,28 +325,20 @@ class Checkpointer(Restoring):
         return manifest, manifest_sha
 
     def _publish(self, step: int, tmp: str, final: str, manifest_sha: str) -> Optional[str]:
-        """The commit point: rename into place, then COMMITTED. A checkpoint of the same step
-        already there (a re-save after a rollback or a fallback) is moved aside, and put back if
-        the commit fails."""
-        replaced = final + fmt.REPLACED
+        """The commit point: rename into place, then COMMITTED. A committed checkpoint is never
+        replaced; a never-committed directory of the same step (a crash between rename and
+        marker) is."""
+        if os.path.isfile(os.path.join(final, fmt.COMMITTED)):
+            return (f"checkpoint step {step} is already committed at {final}; a committed checkpoint is never "
+                    "replaced (is another job writing to this run directory?)")
         try:
-            if os.path.exists(replaced):
-                fmt.remove_checkpoint(replaced)
             if os.path.exists(final):
-                os.rename(final, replaced)
+                fmt.remove_checkpoint(final)
             os.rename(tmp, final)
             fsync_dir(self.root)
             fmt.write_committed(final, step, manifest_sha)
         except SAVE_ERRORS as e:  # noqa: BLE001
-            with contextlib.suppress(OSError):
-                if os.path.exists(replaced):
-                    if os.path.exists(final):
-                        fmt.remove_checkpoint(final)
-                    os.rename(replaced, final)
             return error_text(e)
-        with contextlib.suppress(OSError):
-            if os.path.exists(replaced):
-                fmt.remove_checkpoint(replaced)
         return None
 
     def _committed(self, save: _Save) -> None:
@@ -483,3 +487,4 @@ class Checkpointer(Restoring):
             self._pending = None
         if self._mirror is not None:
             self._mirror.close()
+        self._warmup.join(timeout=60)  # a helper process killed while it starts prints a traceback

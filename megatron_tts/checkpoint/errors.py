@@ -40,7 +40,8 @@ def error_text(e: BaseException) -> str:
             while isinstance(inner, BaseException) and inner.__cause__ is not None:
                 inner = inner.__cause__
             parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
-        text = "dist_checkpointing write failed: " + "; ".join(parts)
+        op = e.args[0] if e.args and isinstance(e.args[0], str) and len(e.args[0]) < 40 else "operation"
+        text = f"dist_checkpointing {op} failed: " + "; ".join(parts)
     elif isinstance(e, WriteFailed):
         text = str(e)
     else:

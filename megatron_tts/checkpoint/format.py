@@ -72,8 +72,9 @@ def committed_checkpoints(root: str) -> list[tuple[int, str]]:
     return [(i.step, i.path) for i in list_checkpoints(root) if i.committed]
 
 
-def ledger_steps(root: str) -> list[int]:
-    path = os.path.join(root, LEDGER)
+def ledger_steps(root: str, name: str = LEDGER) -> list[int]:
+    """The committed steps a JSONL commit ledger records (a torn last line is skipped)."""
+    path = os.path.join(root, name)
     steps = []
     if os.path.isfile(path):
         with open(path, errors="replace") as f:

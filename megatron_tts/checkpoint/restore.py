@@ -35,16 +35,29 @@ class Restoring:
     the collectives _agree/_bcast, _sharded, _finalize and the set of verified paths)."""
 
     # ---- load ----
-    def latest(self, root: Optional[str] = None, quarantine: bool = True) -> Optional[tuple[int, str]]:
+    def latest(self, root: Optional[str] = None, quarantine: bool = True,
+               extra_ledger: Optional[str] = None) -> Optional[tuple[int, str]]:
         """(step, path) of the newest checkpoint that verifies, falling back to older ones with a
         warning (failed ones are renamed ``*.corrupt`` when ``quarantine``); None when nothing
         was ever committed under root. Raises CheckpointError when checkpoints were committed
-        but none verifies."""
+        but none verifies. ``extra_ledger``: a commit record kept outside root (the run
+        directory's), so that deleting root with its own ledger is not mistaken for a fresh start."""
         if self._pending is not None:
             self._finalize(block=True, retry_step=None)
         root = root or self.root
-        listing = (fmt.list_checkpoints(root), fmt.ever_committed(root), fmt.ledger_steps(root)) if self._rank0 else None
-        infos, ever, ledger = self._bcast(listing)
+        listing = None
+        if self._rank0:
+            outside = fmt.ledger_steps(os.path.dirname(extra_ledger), os.path.basename(extra_ledger)) \
+                if extra_ledger else []
+            listing = (fmt.list_checkpoints(root), fmt.ever_committed(root), fmt.ledger_steps(root) or outside,
+                       bool(outside) and not os.path.isdir(root))
+        infos, ever, ledger, root_gone = self._bcast(listing)
+        ever = ever or bool(ledger)
+        if root_gone:
+            raise CheckpointError(f"{extra_ledger} records checkpoints committed up to step {max(ledger)}, but the "
+                                  f"checkpoint directory {root} is gone. Refusing to restart from step 1 into a run "
+                                  "directory with history: restore it, or set train.resume=never to start over (the "
+                                  "old metrics and records are archived, not overwritten)")
         failed: list[tuple[str, str]] = []
         for info in reversed(infos):
             if not info.committed:
@@ -111,7 +124,10 @@ class Restoring:
         by_size = sorted(entries, key=lambda e: -e["size"])
         return self._agree(fmt.verify_files(path, by_size[rank::world]))
 
-    def _resolve(self, path: str) -> str:
+    def is_committed(self, step: int) -> bool:
+        return os.path.isfile(os.path.join(self.root, fmt.step_dir_name(step), fmt.COMMITTED))
+
+    def resolve(self, path: str) -> str:
         """A checkpoint root given as train.resume: its newest verified checkpoint."""
         looks_like_root = (not os.path.exists(os.path.join(path, fmt.COMMITTED)) and
                            not os.path.exists(os.path.join(path, fmt.MANIFEST)) and
@@ -123,10 +139,12 @@ class Restoring:
             raise CheckpointError(f"no checkpoint under {path}")
         return latest[1]
 
-    def load(self, path: str) -> LoadedCheckpoint:
+    def load(self, path: str, skip: tuple[str, ...] = ()) -> LoadedCheckpoint:
+        """Load a checkpoint (or a checkpoint root's newest); the components named in ``skip`` keep
+        their current state (train.reset_data: the loader)."""
         if self._pending is not None:
             self._finalize(block=True, retry_step=None)
-        path = self._resolve(path)
+        path = self.resolve(path)
         if os.path.abspath(path) not in self._verified:
             reason = self._verify_collective(path)
             if reason:
@@ -140,7 +158,7 @@ class Restoring:
         if self.distributed_optimizer:
             unshare_adam_steps(self.optimizer)
         for name, comp in self.components.items():
-            if name in trainer_state["components"]:
+            if name in trainer_state["components"] and name not in skip:
                 comp.load_state_dict(trainer_state["components"][name])
         self._load_rng(path, trainer_state)
         return LoadedCheckpoint(step=trainer_state["step"], path=path, trainer_state=trainer_state)

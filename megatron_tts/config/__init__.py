@@ -12,7 +12,10 @@ ours, so a recipe states each fact once. Building the config has no side effects
 """
 
 from megatron_tts.config.derived import (  # noqa: F401
+    checkpoint_bytes,
+    checkpoint_space_bytes,
     padded_vocab_size,
+    parameter_count,
     real_vocab_size,
     resolve_backend,
     resolve_dtype,

@@ -66,3 +66,40 @@ def check_padded_vocab(cfg: Config) -> list[str]:
         return [f"model.vocab.padded_size={v.padded_size} is not a multiple of 128 x tp = {multiple} (megatron splits "
                 f"the embedding rows evenly over TP); use {math.ceil(v.padded_size / multiple) * multiple} or omit it"]
     return []
+
+
+def parameter_count(cfg: Config) -> int:
+    """The model's parameters from its shape (embedding, layers, final norm, untied LM head), as
+    megatron builds them with the local or TE layer spec (tests/unit/test_config.py checks it
+    against a built model)."""
+    t = cfg.model.transformer
+    h, f, layers = t.hidden_size, t.ffn_hidden_size, t.num_layers
+    kv_ch = t.kv_channels or h // t.num_attention_heads
+    q, kv = t.num_attention_heads * kv_ch, (t.num_query_groups or t.num_attention_heads) * kv_ch
+    fc1 = 2 * f if t.gated_linear_unit else f
+    per_layer = 2 * h + h * (q + 2 * kv) + q * h + h * fc1 + f * h
+    if t.add_bias_linear:
+        per_layer += (q + 2 * kv) + h + fc1 + h
+    vocab = padded_vocab_size(cfg)
+    return vocab * h * (1 if cfg.model.share_embeddings else 2) + layers * per_layer + h
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """One checkpoint's size: the weights in their training dtype, plus Adam's fp32 moments and,
+    with bf16, the fp32 main copy: 12 bytes a parameter in fp32, 14 in bf16."""
+    per_param = 4 + 8 if resolve_dtype(cfg) == "fp32" else 2 + 4 + 8
+    return parameter_count(cfg) * per_param
+
+
+def checkpoint_space_bytes(cfg: Config) -> tuple[int, str]:
+    """Free space a run needs for its checkpoints: checkpoint.keep_last kept plus the one being
+    written, with the save's own margin (x1.2). Returns (bytes, how it was derived)."""
+    one = checkpoint_bytes(cfg)
+    n = cfg.checkpoint.keep_last + 1
+    need = int(one * n * 1.2)
+    why = (f"{parameter_count(cfg) / 1e6:,.1f}M params x {one / parameter_count(cfg):.0f} B "
+           f"({resolve_dtype(cfg)} weights + Adam state) = {one / 1e9:.3f} GB per checkpoint, x {n} "
+           f"(checkpoint.keep_last={cfg.checkpoint.keep_last} + the one in flight), x 1.2 margin")
+    if cfg.checkpoint.keep_every:
+        why += f"; checkpoint.keep_every={cfg.checkpoint.keep_every} keeps more over time"
+    return need, why

@@ -53,9 +53,18 @@ _OWNED = {
 }
 
 
+def _plain_type(typ: Any) -> Any:
+    """int, float, bool or str when a megatron field's type is one of them (or Optional of one)."""
+    if get_origin(typ) is Union:
+        args = [a for a in get_args(typ) if a is not type(None)]
+        typ = args[0] if len(args) == 1 else None
+    return typ if typ in (int, float, bool, str) else None
+
+
 def _build_megatron(path: tuple[str, str], raw: dict, cfg: Config, problems: list[str]) -> Any:
     cls = _MEGATRON_SECTIONS[path]
-    names = {f.name for f in dataclasses.fields(cls)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    names = set(types)
     where = ".".join(path)
     kwargs: dict[str, Any] = {}
     if not isinstance(raw, dict):
@@ -71,6 +80,11 @@ def _build_megatron(path: tuple[str, str], raw: dict, cfg: Config, problems: lis
                 problems.append(f"{where}.activation_func: '{v}' unknown; use one of {sorted(_ACTIVATIONS)}")
             else:
                 kwargs[k] = _ACTIVATIONS[v]
+        elif _plain_type(types[k]) is not None:
+            n = len(problems)  # a mistyped value is reported here, not deep inside megatron later
+            value = _coerce(v, types[k], f"{where}.{k}", problems)
+            if len(problems) == n:
+                kwargs[k] = value
         else:
             kwargs[k] = v
     bf16 = resolve_dtype(cfg) == "bf16"
@@ -182,6 +196,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError([f"recipe {path} does not exist; see configs/ for the recipes"], path)
+        except IsADirectoryError:
+            raise ConfigError([f"--config {path} is a directory; give a recipe file, e.g. configs/tiny.yaml"], path)
+        except (PermissionError, UnicodeDecodeError) as e:
+            raise ConfigError([f"recipe {path} cannot be read ({e})"], path)
         except yaml.YAMLError as e:
             raise ConfigError([f"recipe {path} is not valid YAML: {e}"], path)
     for key, value in parse_overrides(list(overrides)):
@@ -204,7 +222,7 @@ def build_config(raw: dict, source: str = "config") -> Config:
     # Only a tree free of problems is handed to megatron's constructors, whose
     # __post_init__ asserts would otherwise report one problem at a time.
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(list(dict.fromkeys(problems)), source)  # (a few are found by two checks)
     for path, (cls, kwargs) in built.items():
         try:
             obj = cls(**kwargs)

@@ -155,6 +155,12 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     stop_after: Optional[int] = None
     """Stop (with a checkpoint) after this many steps in this invocation, e.g. to test resume."""
+    reset_data: bool = False
+    """A new training stage: resume the model, optimizer and schedule but restart the data stream
+    (needed when seq_len, the datasets or the data order changed; refused otherwise)."""
+    lock_lease_s: float = 300.0
+    """The run directory lock's lease: rank 0 renews it every lease/4 s; another job takes over a
+    lock whose holder is gone (same host) or has not renewed it for this long."""
 
 
 @dataclass

@@ -98,6 +98,15 @@ def validate(cfg: Config, problems: list[str]) -> None:
     if cfg.data.tokenizer.kind == "byte" and v.text_vocab_size != 256:
         problems.append(f"model.vocab.text_vocab_size={v.text_vocab_size} but the byte tokenizer has 256 ids; "
                         "set it to 256 or use data.tokenizer.kind=hf")
+    d = cfg.data
+    if isinstance(d.pack_window, int) and d.pack_window < 1:
+        problems.append(f"data.pack_window={d.pack_window}: must be >= 1 (samples packed together; 1024 is typical)")
+    if isinstance(d.num_workers, int) and not 1 <= d.num_workers <= 64:
+        problems.append(f"data.num_workers={d.num_workers}: must be in [1, 64] (reader threads per rank)")
+    if isinstance(d.prefetch, int) and not 0 <= d.prefetch <= 64:
+        problems.append(f"data.prefetch={d.prefetch}: must be in [0, 64] (steps prepared ahead; 0 = none)")
+    if isinstance(cfg.train.lock_lease_s, (int, float)) and cfg.train.lock_lease_s < 10:
+        problems.append(f"train.lock_lease_s={cfg.train.lock_lease_s:g}: must be >= 10 s (renewed every lease/4)")
     if not cfg.data.paths:
         problems.append("data.paths: empty; give at least one dataset dir (e.g. data/demo)")
     s = cfg.optim.schedule

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from data_pipeline.layouts import build_layout
 from data_pipeline.loader import PackedLoader
 from data_pipeline.tokenizer import build_tokenizer
-from megatron_tts import faults, signals
+from megatron_tts import faults, resume, signals
 from megatron_tts.checkpoint.checkpointer import Checkpointer
+from megatron_tts.checkpoint.collective import bcast
 from megatron_tts.compat.mcore import (
     DistributedDataParallel,
     finalize_model_grads,
@@ -26,7 +27,9 @@ from megatron_tts.compat.mcore import (
 from megatron_tts.config import Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict, vocab_layout
 from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
 from megatron_tts.optim import build_optimizer, build_scheduler
+from megatron_tts.exit_codes import clear_exit_record
 from megatron_tts.parallel import Layout, init_distributed
+from megatron_tts.run_lock import RunDirError, RunDirLocked, RunLock, check_usable
 from megatron_tts.step_guard import StepGuard
 from monitoring.metrics import MetricsLogger, TensorBoardSink, WandbSink
 from monitoring.monitor import Monitor
@@ -77,6 +80,8 @@ class Run:
     attempts: int = 0  # train_step calls in this process (not rolled back): fault-injection key
     incarnation: Optional[str] = None  # one id per start of the job (logging.ledger)
     hooks: Any = None  # megatron_tts.train.hooks.Hooks, installed by the loop
+    resume_plan: Optional[resume.ResumePlan] = None
+    lock: Optional[RunLock] = None  # rank 0: the run directory lock
 
 
 def wrap_ddp(cfg: Config, chunks: list) -> list:
@@ -119,8 +124,21 @@ def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[
 
 
 def build_run(cfg: Config) -> Run:
+    """Everything a run needs, in the order that fails fastest and writes nothing into the run
+    directory until the lock is held and the resume is known to be valid."""
     layout = init_distributed(cfg)
     setup_logging(layout)
+    lock = _lock_run_dir(cfg, layout)
+    try:
+        return _build(cfg, layout, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
+    clear_exit_record(cfg.train.run_dir, layout.rank)  # a previous incarnation's code must not stand for this one
     if uses_transformer_engine(cfg) and cfg.train.micro_batch_size != 1:
         raise RuntimeError("with transformer-engine, packed documents are separated through THD "
                            "packed_seq_params, which need train.micro_batch_size=1 (raise "
@@ -135,11 +153,24 @@ def build_run(cfg: Config) -> Run:
     if faults.enabled():
         def fail(rank: int, step: int, attempt: int) -> bool:
             return faults.active("checkpoint_write_error", rank=rank, step=step, attempt=attempt)
+    on_commit = (lambda step, path: resume.record_commit(cfg.train.run_dir, step, path)) if layout.rank == 0 else None
     checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
                                 components={"train": state, "scheduler": scheduler, "loader": loader, "guard": guard},
                                 config=cfg.checkpoint, distributed_optimizer=cfg.optim.distributed,
-                                seed=cfg.train.seed, fail=fail)
+                                seed=cfg.train.seed, fail=fail, fingerprint=resume.fingerprint(cfg, loader),
+                                on_commit=on_commit)
+    try:
+        plan = resume.plan(cfg, checkpointer, loader, layout.rank == 0)  # may refuse: nothing written yet
+    except BaseException:
+        checkpointer.close()  # lets its helper process finish starting: killing it half-started is noisy
+        loader.close()
+        raise
     if layout.rank == 0:
+        if cfg.train.resume == "never":
+            for moved in resume.archive_history(cfg.train.run_dir, cfg.checkpoint_dir):
+                log.warning("train.resume=never in a run directory with history: archived %s", moved)
+        for note in plan.notes:
+            log.warning("%s", note)
         _save_resolved_config(cfg, layout, num_params)
     metrics = _metrics(cfg) if layout.is_logging_rank else None
     monitor = Monitor(cfg, layout, cfg.train.run_dir, metrics, dtype=resolve_dtype(cfg),  # every rank: a collective
@@ -149,7 +180,26 @@ def build_run(cfg: Config) -> Run:
     if metrics is not None:
         checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
     return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
-               num_params, incarnation=_incarnation() if cfg.logging.ledger else None)
+               num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock)
+
+
+def _lock_run_dir(cfg: Config, layout: Layout) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock; every rank learns whether it did."""
+    lock, error = None, None
+    if layout.rank == 0:
+        lock = RunLock(cfg.train.run_dir, cfg.train.lock_lease_s)
+        try:
+            check_usable(cfg.train.run_dir)
+            if cfg.checkpoint.dir:
+                check_usable(cfg.checkpoint.dir, "checkpoint.dir")
+            how = lock.acquire()
+            log.info("run directory lock %s: %s", lock.path, how)
+        except (RunDirLocked, RunDirError) as e:
+            lock, error = None, (type(e).__name__, str(e))
+    error = bcast(error)
+    if error:
+        raise (RunDirLocked if error[0] == "RunDirLocked" else RunDirError)(error[1])
+    return lock
 
 
 def _save_resolved_config(cfg: Config, layout: Layout, num_params: int) -> None:

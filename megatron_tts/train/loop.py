@@ -58,24 +58,22 @@ def run_training(cfg: Config) -> int:
         if run.metrics:
             run.metrics.close()
         destroy_distributed()
+        if run.lock is not None:
+            run.lock.release()
         watchdog.stop()
 
 
 def maybe_resume(run: Run) -> Optional[int]:
-    cfg = run.cfg
-    if cfg.train.resume == "never":
+    """Load the checkpoint that build_run's resume plan chose (megatron_tts.resume)."""
+    plan = run.resume_plan
+    if plan is None or plan.path is None:
         return None
-    if cfg.train.resume == "auto":
-        latest = run.checkpointer.latest()
-        if latest is None:
-            return None
-        path = latest[1]
-    else:
-        path = cfg.train.resume
-    loaded = run.checkpointer.load(path)
-    log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+    loaded = run.checkpointer.load(plan.path, skip=("loader",) if plan.reset_data else ())
+    log.info("resumed from %s (step %d)%s", loaded.path, loaded.step,
+             "; the data stream restarts (train.reset_data=true)" if plan.reset_data else "")
     if run.metrics:
-        run.metrics.event({"event": "resume", "step": loaded.step, "path": loaded.path})
+        run.metrics.event({"event": "resume", "step": loaded.step, "path": loaded.path,
+                           "reset_data": plan.reset_data})
     return loaded.step
 
 
@@ -97,6 +95,10 @@ def _loop(run: Run) -> int:
         run.attempts += 1
         result = train_step(run, batches, forward_step)
         step_time = time.perf_counter() - t0
+        if result.stats.lock_lost:
+            log.error("another job took over the run directory %s (its lock's lease expired while this job "
+                      "stalled): stopping without saving, so as not to write over it (fatal)", cfg.train.run_dir)
+            return EXIT_FATAL
         mon.on_verdict(st.step + 1, result.verdict, run.guard.counters())
         if result.verdict.fatal:
             log.error("step %d: the skip budget ran out again after %d rollbacks without a new committed "
@@ -140,7 +142,7 @@ def _requeue_stop(run: Run, cadence: CheckpointCadence) -> int:
     """Every rank agreed to stop at this step boundary: commit this step (unless it already is)
     and exit EXIT_REQUEUE. Further signals are ignored meanwhile (signals.py)."""
     st = run.state
-    if cadence.saved_step != st.step:
+    if cadence.saved_step != st.step and not run.checkpointer.is_committed(st.step):
         path = cadence.save(run, st.step)
     else:
         latest = run.checkpointer.latest()

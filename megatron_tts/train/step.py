@@ -43,11 +43,12 @@ class StepStats:
     bad_shards: float = 0.0
     nonfinite: float = 0.0  # ranks that saw a non-finite loss or gradient
     stop: float = 0.0  # ranks that received a stop signal
+    lock_lost: float = 0.0  # rank 0 found its run directory lock taken by another job
     source_sums: list[float] = field(default_factory=list)  # per data source: loss sums
     source_counts: list[float] = field(default_factory=list)  # per data source: target tokens
 
     _SCALARS = ("loss_sum", "n_loss", "speech_sum", "n_speech", "text_sum", "n_text", "tokens", "docs", "audio_s",
-                "bad_samples", "bad_shards", "nonfinite", "stop")
+                "bad_samples", "bad_shards", "nonfinite", "stop", "lock_lost")
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([getattr(self, k) for k in self._SCALARS] + list(self.source_sums) +
@@ -161,6 +162,7 @@ def _local_stats(run, batches: list, losses: list) -> StepStats:
     # The stop-signal flag rides in the statistics all-reduce, which already spans the world
     # (TP/PP/DP: every rank must stop at the same step), instead of a collective of its own.
     stats.stop = 1.0 if signals.requested() else 0.0
+    stats.lock_lost = 1.0 if run.lock is not None and run.lock.lost else 0.0
     return stats
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
+from megatron_tts.config import load_config, parameter_count
 from tests.helpers import LAYOUT_BASE as BASE
 from tests.helpers import LAYOUT_STEPS as STEPS
+from tests.helpers import REPO
 from tests.reference_runs import reference_run
 
 LAYOUTS = {
@@ -38,3 +43,8 @@ def test_layout_matches_single_process(name, reference, tmp_path_factory):
     assert sorted(losses) == sorted(reference)
     diffs = {s: abs(losses[s] - reference[s]) for s in reference}
     assert max(diffs.values()) <= 1e-5, f"{name}: per-step |loss - reference| = {diffs}"
+    # the parameter count every layout reports is the model's, as the recipe's shape gives it
+    # (what preflight sizes checkpoints by)
+    with open(os.path.join(r.run_dir, "config.yaml")) as f:
+        reported = int(re.search(r"params=(\d+)", f.read()).group(1))
+    assert reported == parameter_count(load_config(os.path.join(REPO, "configs", "tiny.yaml"), BASE + overrides))

@@ -146,6 +146,7 @@ class Datasets:
     bad_codes: str  # codec codebook 256, samples 1 and 4 hold codes >= 256 (written without ShardWriter)
     codec_1024: str  # codec codebook 1024 (config: 256); samples 0, 2, 4 use codes >= 256
     too_long: str  # 4 samples, sample 2 longer than data.seq_len
+    other_codec: str  # 8 demo samples under another 256-entry codec (16 kHz, other weights)
     expect: dict
 
 
@@ -208,7 +209,11 @@ def data(tmp_path_factory) -> Datasets:
     write_dataset(too_long, samples, codec, samples_per_shard=4, name="too_long")
     expect["too_long_key"] = samples[2].key
 
-    return Datasets(root, good, damaged, bad_codes, codec_1024, too_long, expect)
+    other_codec = os.path.join(root, "other_codec")
+    other = {**codec, "sample_rate": 16000, "checkpoint_sha256": "0" * 64}
+    write_dataset(other_codec, rekey(pool[47:55], "other"), other, samples_per_shard=8, name="other_codec")
+
+    return Datasets(root, good, damaged, bad_codes, codec_1024, too_long, other_codec, expect)
 
 
 def copy_dataset(src: str, dst: str) -> str:
@@ -266,10 +271,21 @@ def fatal(data) -> dict:
     cases["tokenizer"] = (["data.tokenizer.kind=hf", f"data.tokenizer.path={tok}", "model.vocab.text_vocab_size=256"],
                           {"path": tok, "size": size})
 
+    cases["two_codecs"] = ([f"data.paths=[{data.good},{data.other_codec}]"], {})
+    cases["data_settings"] = (["data.pack_window=0", "data.num_workers=0", "data.prefetch=-1"], {})
+    cases["megatron_types"] = (["model.transformer.ffn_hidden_size=abc", "optim.optimizer.lr=fast"], {})
+    cases["all_too_long"] = ([f"data.paths=[{data.good}]", "data.seq_len=16"], {})
+    cases["config_is_dir"] = ([], {"config": "configs"})
+    run_file = os.path.join(root, "run_dir_is_a_file")
+    with open(run_file, "w") as f:
+        f.write("not a directory")
+    cases["run_dir_is_file"] = ([], {"run_dir": run_file})
+
     def launch(name: str):
         overrides, facts = cases[name]
-        run_dir = os.path.join(root, f"run_{name}")
-        return name, (cli(run_dir, RUN + overrides), {**facts, "run_dir": run_dir})
+        run_dir = facts.get("run_dir", os.path.join(root, f"run_{name}"))
+        r = cli(run_dir, RUN + overrides, config=facts.get("config", "configs/tiny.yaml"))
+        return name, (r, {**facts, "run_dir": run_dir})
 
     with ThreadPoolExecutor(2) as ex:
         return dict(ex.map(launch, list(cases)))
@@ -283,7 +299,45 @@ def test_missing_dataset_path(fatal):
 
 def test_missing_dataset_index(fatal):
     r, facts = fatal["missing_index"]
-    assert_fatal(r, f"cannot load dataset index of {facts['path']}", "missing dataset index")
+    assert_fatal(r, f"cannot load dataset index of {facts['path']}", "missing dataset index",
+                 f"python -m data_pipeline index {facts['path']}/*.tar --dataset {facts['path']}")
+
+
+def test_two_codecs_of_the_same_size_do_not_train_together(fatal, data):
+    r, _ = fatal["two_codecs"]
+    assert_fatal(r, f"datasets {data.good} and {data.other_codec} were tokenized by different codecs",
+                 "sample_rate: 22050.0 vs 16000.0", "checkpoint_sha256:", "must not share token ids")
+
+
+def test_data_settings_out_of_range(fatal):
+    r, _ = fatal["data_settings"]
+    assert_fatal(r, "3 problem(s)", "data.pack_window=0: must be >= 1", "data.num_workers=0: must be in [1, 64]",
+                 "data.prefetch=-1: must be in [0, 64]")
+
+
+def test_megatron_fields_of_the_wrong_type(fatal):
+    r, _ = fatal["megatron_types"]
+    assert_fatal(r, "model.transformer.ffn_hidden_size: expected int, got 'abc'",
+                 "optim.optimizer.lr: expected float, got 'fast'")
+
+
+def test_every_sample_longer_than_seq_len_is_one_line(fatal):
+    r, _ = fatal["all_too_long"]
+    msg = assert_fatal(r, "a whole epoch produced no packs: every sample is longer than seq_len=16")
+    assert msg.count("\n") == 1
+    assert len(re.findall(r"tokens > seq_len=16; skipped", r.stderr)) <= 5  # not one warning per sample
+
+
+def test_config_that_is_a_directory(fatal):
+    r, _ = fatal["config_is_dir"]
+    assert_fatal(r, "--config configs is a directory; give a recipe file")
+
+
+def test_run_dir_that_is_a_file(fatal):
+    r, facts = fatal["run_dir_is_file"]
+    assert_fatal(r, f"train.run_dir={facts['run_dir']} is a file, not a directory")
+    with open(facts["run_dir"]) as f:
+        assert f.read() == "not a directory"  # untouched
 
 
 def test_missing_sidecar_index(fatal):

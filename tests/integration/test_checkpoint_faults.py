@@ -163,7 +163,7 @@ def test_no_verifiable_checkpoint_is_fatal_not_a_fresh_start(base_run, tmp_path)
     r = pretrain(str(tmp_path / "run"), SMALL + ["train.steps=6", "train.resume=auto"], nproc=1)
     assert r.returncode != 0 and f"exitcode  : {EXIT_FATAL}" in r.output, r.output[-3000:]  # torchrun names it
     assert read_exit_records(r.run_dir)[0]["code"] == EXIT_FATAL
-    assert re.search(r"fatal: no checkpoint under \S+ verifies \(.*sha256 mismatch", r.output), r.output[-3000:]
+    assert re.search(r"error: no checkpoint under \S+ verifies \(.*sha256 mismatch", r.output), r.output[-3000:]
     assert "train.resume=never" in r.output
     assert sum("loss" in m for m in r.metrics()) == sum("loss" in m for m in base_run.metrics())  # nothing trained
 

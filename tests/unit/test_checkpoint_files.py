@@ -121,3 +121,13 @@ def test_metadata_unpickler_allows_dcp_metadata_and_refuses_code():
     for evil in (_Payload(), {"x": [1, _Payload()]}, eval):
         with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"):
             _AllowListUnpickler(io.BytesIO(pickle.dumps(evil)), allowed, ".metadata").load()
+
+
+def test_a_failed_load_is_not_called_a_write_failure():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_tts.checkpoint.errors import error_text
+
+    inner = FileNotFoundError(2, "No such file", "__0_0.distcp")
+    assert error_text(CheckpointException("read", {0: inner})).startswith("dist_checkpointing read failed: rank 0:")
+    assert error_text(CheckpointException("write", {1: inner})).startswith("dist_checkpointing write failed")

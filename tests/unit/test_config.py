@@ -379,3 +379,16 @@ def test_building_has_no_side_effects(tmp_path, monkeypatch):
     dump_yaml(cfg)
     assert os.listdir(tmp_path) == []
     assert not dist.is_initialized()
+
+
+def test_parameter_count_matches_a_built_model():
+    """config.parameter_count (what preflight sizes checkpoints by) against megatron's own modules,
+    built on the meta device in a fake world (launch.plan)."""
+    from launch.plan import total_parameters
+    from megatron_tts.config import parameter_count
+
+    for overrides in ([], ["model.share_embeddings=false", "model.transformer.add_bias_linear=true"]):
+        cfg = load_config(TINY, overrides + ["model.layer_spec=local", "model.init=megatron",
+                                             "model.transformer.perform_initialization=false",
+                                             "model.transformer.use_cpu_initialization=true"])
+        assert parameter_count(cfg) == total_parameters(cfg), overrides

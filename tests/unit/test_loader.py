@@ -527,7 +527,7 @@ def test_samples_longer_than_seq_len_are_skipped_counted_logged(tmp_path: Path,
 def test_dataset_with_only_too_long_samples_fails_loudly(tmp_path: Path) -> None:
     samples = synth_samples(4, frames=(600, 700))
     write_dataset(str(tmp_path / "ds"), samples, CODEC, samples_per_shard=4, name="long")
-    with make_loader(str(tmp_path / "ds")) as ld, pytest.raises(RuntimeError, match="no packs"):
+    with make_loader(str(tmp_path / "ds")) as ld, pytest.raises(DataConfigError, match="no packs"):
         ld.next_step()
 
 

@@ -608,3 +608,64 @@ def test_cli_index_rebuilds_sidecars_and_dataset(tmp_path: Path, codec: dict) ->
     again = DatasetIndex.load(str(out))
     assert again.name == "again" and again.shards == ds.shards
 
+
+
+# ------------------------------------------------------- 0 frames; writing from the command line
+
+
+def test_the_writer_and_the_index_builder_agree_on_zero_frame_samples(tmp_path):
+    import io
+    import json as _json
+    import tarfile
+
+    from data_pipeline.shards import Sample as _Sample
+    from data_pipeline.shards import ShardError as _ShardError
+    from data_pipeline.shards import ShardWriter as _ShardWriter
+    from data_pipeline.shards import build_shard_index as _build
+
+    codec = {"name": "c", "version": "1", "sample_rate": 16000, "frame_rate": 50, "n_q": 1, "codebook_size": 256}
+    with pytest.raises(ValueError, match="0 frames"):
+        with _ShardWriter(str(tmp_path / "w.tar"), codec) as w:
+            w.write(_Sample(key="a/0", codes=np.zeros((1, 0), np.uint16), text="x", meta={}))
+    tar = tmp_path / "shard-000000.tar"  # the same sample in a tar written by another tool
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for key, n in (("a/1", 3), ("a/0", 0)):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.zeros((1, n), np.uint16), version=(1, 0))
+            for ext, data in (("codes.npy", buf.getvalue()), ("txt", b"x"), ("json", _json.dumps({}).encode())):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+    with pytest.raises(_ShardError, match="a/0.*0 frames"):
+        _build(str(tar), codec)
+
+
+def test_write_builds_a_dataset_from_a_manifest(tmp_path, capsys):
+    import json as _json
+
+    from data_pipeline.__main__ import main as cli_main
+    from data_pipeline.shards import DatasetIndex as _DatasetIndex
+    from data_pipeline.shards import read_shard as _read_shard
+
+    np.save(tmp_path / "u1.npy", np.array([[1, 2, 3, 4]], dtype=np.uint16))
+    rows = [{"key": "c/s/1", "codes": "u1.npy", "text": "hello"},
+            {"key": "c/s/2", "codes": [[5, 6, 7]], "text": "world", "meta": {"speaker": "s"}},
+            {"key": "c/s/3", "codes": [[9, 9]], "text": "again"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    codec = {"name": "c", "version": "1", "sample_rate": 16000, "frame_rate": 50, "n_q": 1, "codebook_size": 256}
+    out = tmp_path / "ds"
+    assert cli_main(["write", str(manifest), "--out", str(out), "--codec-json", _json.dumps(codec),
+                     "--samples-per-shard", "2", "--name", "mine"]) == 0
+    ds = _DatasetIndex.load(str(out))
+    assert ds.name == "mine" and len(ds.shards) == 2 and ds.n_samples == 3 and ds.n_frames == 9
+    got = [s for u in ds.shard_urls() for s in _read_shard(u)]
+    assert [s.key for s in got] == ["c/s/1", "c/s/2", "c/s/3"] and got[1].meta["speaker"] == "s"
+    assert got[0].codes.tolist() == [[1, 2, 3, 4]]
+    # bad input: one line, exit 2, nothing half-written over the dataset
+    assert cli_main(["write", str(manifest), "--out", str(out), "--codec-json", _json.dumps(codec)]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_json.dumps({"key": "c/s/9", "text": "no codes"}) + "\n")
+    assert cli_main(["write", str(bad), "--out", str(tmp_path / "ds2"), "--codec-json", _json.dumps(codec)]) == 2
+    assert "bad.jsonl:1: KeyError" in capsys.readouterr().err

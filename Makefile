@@ -50,7 +50,7 @@ demo-data: install
 	fi
 
 demo: demo-data
-	rm -rf $(DEMO_RUN)/checkpoints $(DEMO_RUN)/metrics.jsonl
+	rm -rf $(DEMO_RUN)/checkpoints $(DEMO_RUN)/metrics.jsonl $(DEMO_RUN)/checkpoint_commits.jsonl
 	@echo "== pretraining tiny, TP=2 on $(NPROC) CPU processes: first half, then stop =="
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node $(NPROC) --log-dir $(DEMO_RUN)/torchrun \
 	  -m launch.pretrain --config configs/tiny.yaml parallel.tp=2 data.paths=[$(DEMO_DATA)] \

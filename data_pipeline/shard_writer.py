@@ -252,3 +252,29 @@ def write_dataset(
     ds.save(out_dir)
     return ds
 
+
+
+def finalize_dataset(out_dir: str, name: str | None = None, codec: dict | None = None) -> DatasetIndex:
+    """Write ``out_dir/index.json`` over every shard whose sidecar is there (shards written
+    independently, e.g. by many tokenizer processes): the one step that turns finished shards into
+    a dataset. Every shard must carry the same codec (``codec``, when given, too). A tar without
+    its sidecar is unfinished and left out; the count of those is logged by the caller."""
+    tars = sorted(u for u in fs.listdir(out_dir) if u.endswith(".tar"))
+    summaries: list[ShardSummary] = []
+    for url in tars:
+        side = index_path_for(url)
+        if not fs.exists(side):
+            continue
+        from .shard_reader import load_shard_index  # (reader and writer are siblings)
+
+        idx = load_shard_index(url)
+        if codec is None:
+            codec = idx.codec
+        elif idx.codec != codec:
+            raise ValueError(f"{url}: codec {idx.codec!r} differs from the dataset's {codec!r}")
+        summaries.append(ShardSummary.from_index(fs.basename(url), fs.basename(side), idx))
+    if not summaries:
+        raise ValueError(f"{out_dir}: no finished shards (tar + sidecar) to index")
+    ds = DatasetIndex(name=name or fs.basename(out_dir.rstrip("/")) or "dataset", codec=codec, shards=summaries)
+    ds.save(out_dir)
+    return ds

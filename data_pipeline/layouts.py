@@ -62,9 +62,11 @@ LLASA_SPECIAL_TOKENS: list[str] = [
     "<|SPEECH_UNDERSTANDING_END|>",
 ]
 
-SEGMENTS: tuple[str, ...] = ("text_start", "text", "text_end", "speech_start", "speech", "speech_end")
+SEGMENTS: tuple[str, ...] = ("text_start", "text", "text_end", "speech_start", "speech", "speech_end", "template")
 SEGMENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(SEGMENTS)}
 DEFAULT_LOSS_SEGMENTS: tuple[str, ...] = ("speech", "speech_end")
+# LLaSA's chat-framed recipe trains from SPEECH_GENERATION_START to the end (eos excluded)
+CHAT_LOSS_SEGMENTS: tuple[str, ...] = ("speech_start", "speech", "speech_end", "template")
 
 _TEXT_START = "<|TEXT_UNDERSTANDING_START|>"
 _TEXT_END = "<|TEXT_UNDERSTANDING_END|>"
@@ -255,9 +257,10 @@ class _FramedLayout(Layout):
     """Shared TEXT_UNDERSTANDING/SPEECH_GENERATION framing; subclasses map codes to speech ids."""
 
     def __init__(
-        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS
+        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS, framing=None
     ) -> None:
         super().__init__(vocab, loss_segments)
+        self.framing = framing  # data_pipeline.chat.ChatFrame (model.framing=llasa_chat) or None
         missing = [t for t in _FRAMING_TOKENS if t not in vocab.special_tokens]
         if missing:
             raise LayoutError(
@@ -281,7 +284,7 @@ class _FramedLayout(Layout):
         n_frames = _check_count("n_frames", n_frames)
         n_q = _check_count("n_q", n_q)
         self._check_n_q(n_q)
-        return 4 + n_text + n_q * n_frames
+        return 4 + n_text + n_q * n_frames + (self.framing.extra if self.framing is not None else 0)
 
     def _validate_text(self, text_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         text = np.asarray(text_ids)
@@ -331,8 +334,27 @@ class _FramedLayout(Layout):
         ids[2 + n_text] = self._speech_start
         ids[3 + n_text : 3 + n_text + n_speech] = speech
         ids[-1] = self._speech_end
-        segment = np.repeat(_RUN_SEGMENTS, (1, n_text, 1, 1, n_speech, 1))
+        segment = np.repeat(_RUN_SEGMENTS[:6], (1, n_text, 1, 1, n_speech, 1))
+        if self.framing is not None:
+            return self._frame(ids, segment, n_text)
         return Encoded(ids=ids, target_mask=self._target_lut[segment], segment=segment)
+
+    def _frame(self, ids: np.ndarray, segment: np.ndarray, n_text: int) -> Encoded:
+        """LLaSA's chat framing around the plain sequence (data_pipeline.chat). The targets are the
+        tokens from SPEECH_GENERATION_START on (of the loss segments), never an eos."""
+        f = self.framing
+        cut = 2 + n_text  # [TUS text TUE] | [SGS speech SGE]
+        pieces = [np.asarray(f.before_text, dtype=np.int64), ids[:cut], np.asarray(f.between, dtype=np.int64),
+                  ids[cut:], np.asarray(f.after_speech, dtype=np.int64)]
+        template = SEGMENT_INDEX["template"]
+        segs = [np.full(len(f.before_text), template, np.int8), segment[:cut],
+                np.full(len(f.between), template, np.int8), segment[cut:],
+                np.full(len(f.after_speech), template, np.int8)]
+        ids, segment = np.concatenate(pieces), np.concatenate(segs)
+        target = self._target_lut[segment] & (ids != f.eos_id)
+        start = len(f.before_text) + cut + len(f.between)
+        target[:start] = False  # the prompt (user turn, assistant header) is never a target
+        return Encoded(ids=ids, target_mask=target, segment=segment)
 
 
 class LlasaLayout(_FramedLayout):
@@ -351,14 +373,14 @@ class LlasaLayout(_FramedLayout):
     name: ClassVar[str] = "llasa"
 
     def __init__(
-        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS
+        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS, framing=None
     ) -> None:
         if vocab.n_codebooks != 1:
             raise LayoutError(
                 f"layout 'llasa' uses a single codebook but the vocab has n_codebooks="
                 f"{vocab.n_codebooks}; use layout 'flattened' for multi-codebook codecs"
             )
-        super().__init__(vocab, loss_segments)
+        super().__init__(vocab, loss_segments, framing)
 
     def _check_n_q(self, n_q: int) -> None:
         if n_q != 1:
@@ -399,9 +421,9 @@ class FlattenedLayout(_FramedLayout):
     name: ClassVar[str] = "flattened"
 
     def __init__(
-        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS
+        self, vocab: VocabLayout, loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS, framing=None
     ) -> None:
-        super().__init__(vocab, loss_segments)
+        super().__init__(vocab, loss_segments, framing)
         self._slot_offsets = (
             vocab.speech_offset + np.arange(vocab.n_codebooks, dtype=np.int64) * vocab.codebook_size
         )
@@ -475,9 +497,13 @@ def build_layout(
     name: str,
     vocab: VocabLayout,
     loss_segments: Sequence[str] | str = DEFAULT_LOSS_SEGMENTS,
+    framing=None,
 ) -> Layout:
-    """Construct a layout by name (``"llasa"`` or ``"flattened"``)."""
+    """Construct a layout by name (``"llasa"`` or ``"flattened"``); ``framing``: a
+    data_pipeline.chat.ChatFrame for LLaSA's chat-framed sequences."""
     key = str(name).strip().lower()
     if key not in LAYOUTS:
         raise LayoutError(f"unknown layout {name!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if framing is not None:
+        return LAYOUTS[key](vocab, loss_segments, framing)
     return LAYOUTS[key](vocab, loss_segments)

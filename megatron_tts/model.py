@@ -19,7 +19,7 @@ from megatron_tts.compat.mcore import (
     get_num_layers_to_build,
     parallel_state as ps,
 )
-from megatron_tts.config import Config, ConfigError, padded_vocab_size
+from megatron_tts.config import Config, ConfigError, padded_vocab_size, real_vocab_size
 from megatron_tts.norm import LocalRMSNorm
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,35 @@ def build_model_chunks(cfg: Config, device: Optional[torch.device] = None) -> li
             rope_scaling_factor=cfg.model.rope_scaling_factor,
             vp_stage=stage,
         )
-        chunks.append(model.to(device or _device()))
+        model = model.to(device or _device())
+        if model.post_process and cfg.model.mask_padded_vocab:
+            mask_padded_vocab(model, real_vocab_size(cfg), padded_vocab_size(cfg))
+        chunks.append(model)
     if cfg.model.init == "layout_invariant":
         for chunk in chunks:
             init_layout_invariant(chunk, cfg)
     return chunks
+
+
+def mask_padded_vocab(model: torch.nn.Module, real: int, padded: int) -> None:
+    """Logits of the embedding's padding rows (real vocab .. padded vocab, there so that the rows
+    split evenly over TP) never take probability mass: the softmax, loss and sampling are over the
+    real vocabulary only, exactly as in the exported model without those rows."""
+    if real >= padded:
+        return
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    per_rank = padded // tp
+    lo = max(real - rank * per_rank, 0)
+    if lo >= per_rank:
+        return  # this TP rank holds real rows only
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        # in place (no copy of the largest activation); the linear saved its input, not this output
+        logits[..., lo:] = -1e9  # finite: the vocab-parallel softmax subtracts the max
+        return logits, bias
+
+    model.output_layer.register_forward_hook(hook)
 
 
 def _device() -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -165,3 +166,31 @@ def wait_for_step(run_dir: str, step: int, proc: subprocess.Popen | None = None,
             raise RuntimeError(f"the run exited ({proc.returncode}) before step {step}")
         time.sleep(0.05)
     raise TimeoutError(f"no step {step} in {path} after {timeout} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def world_of_one(cfg):
+    """This process as a gloo world of one with megatron's groups for ``cfg`` (in-process tests of
+    the model, the checkpointer, HF import/export); the environment is restored afterwards."""
+    from megatron_tts.parallel import destroy_distributed, init_distributed
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield init_distributed(cfg)
+    finally:
+        destroy_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

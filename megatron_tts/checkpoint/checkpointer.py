@@ -69,11 +69,13 @@ class Checkpointer(Restoring):
     def __init__(self, root: str, layout, model: list, optimizer, components: dict[str, Stateful], config,
                  distributed_optimizer: bool, seed: int, on_event: Optional[Callable[[dict], None]] = None,
                  fail: Optional[Callable[[int, int, int], bool]] = None, fingerprint: Optional[dict] = None,
-                 on_commit: Optional[Callable[[int, str], None]] = None) -> None:
+                 on_commit: Optional[Callable[[int, str], None]] = None, config_text: Optional[str] = None) -> None:
         """``config``: the CheckpointConfig section. ``fail(rank, step, attempt)``: fault injection
         of a write error (megatron_tts.faults; None when off). ``fingerprint``: what the weights
         mean, saved with every checkpoint (megatron_tts.resume). ``on_commit(step, path)``: rank 0,
-        after each commit (the run directory's own record of commits)."""
+        after each commit (the run directory's own record of commits). ``config_text``: the resolved
+        recipe, saved as config.yaml in every checkpoint (a checkpoint describes itself: export,
+        generation)."""
         self.root = root
         self.layout = layout
         self.model = model
@@ -90,6 +92,7 @@ class Checkpointer(Restoring):
         self.fail = fail
         self.fingerprint = fingerprint
         self.on_commit = on_commit
+        self.config_text = config_text
         self.last_save_blocking_s = 0.0
         self.failures = 0  # saves that failed after their retry (checkpoint_failures)
         self.mirror_failures = 0
@@ -98,6 +101,7 @@ class Checkpointer(Restoring):
         self._strategy = None  # one save strategy for the run (its save plans are cached)
         self._deleting: list[threading.Thread] = []  # background deletions of pruned checkpoints
         self._verified: set[str] = set()
+        self.pinned: set[str] = set()  # checkpoints being read by a side process: never pruned
         self._mirror: Optional[Mirror] = None
         self._last_size: Optional[int] = None
         # megatron's writers report through a spawn-context Manager queue whose start takes ~2 s;
@@ -246,6 +250,8 @@ class Checkpointer(Restoring):
                      **({"fingerprint": self.fingerprint} if self.fingerprint is not None else {}),
                      **(save.extra or {})}
             write_durable(os.path.join(tmp, fmt.STATE_FILE), json.dumps(state, indent=1).encode())
+            if self.config_text is not None:
+                write_durable(os.path.join(tmp, "config.yaml"), self.config_text.encode())
 
     def _write_shards(self, save: _Save, tmp: str) -> None:
         """Model and optimizer through dist_checkpointing (a forked writer when async)."""
@@ -403,7 +409,7 @@ class Checkpointer(Restoring):
         infos = fmt.list_checkpoints(self.root)
         committed = [i.step for i in infos if i.committed]
         keep = fmt.retained_steps(committed, self.keep_last, self.keep_every, reserve)
-        busy = self._mirror.busy() if self._mirror is not None else set()
+        busy = (self._mirror.busy() if self._mirror is not None else set()) | self.pinned
         newest = max(committed) if committed else None
         for info in infos:
             if info.path in busy:

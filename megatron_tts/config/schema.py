@@ -61,6 +61,17 @@ class ModelConfig:
     core_attention: str = "sdpa"
     """Local spec only: 'sdpa' (torch scaled_dot_product_attention) or 'megatron'
     (megatron-core's unfused DotProductAttention)."""
+    mask_padded_vocab: bool = True
+    """Keep the padding rows of the vocabulary (there so that it splits evenly over TP) out of
+    the softmax: the loss and sampling cover the real vocabulary, as in an exported HF model."""
+    framing: str = "plain"
+    """How a sample is framed: 'plain' (TEXT_UNDERSTANDING_START text ... SPEECH_GENERATION_END)
+    or 'llasa_chat' (LLaSA's training sequences: the base model's chat template, user turn
+    'Convert the text to speech:<text>', assistant turn <speech>; data.tokenizer must be an HF
+    tokenizer whose tokenizer_config.json holds the chat template)."""
+    chat_date: str = "26 Jul 2024"
+    """The date_string the chat template renders (fixed, so that sequences are deterministic;
+    Llama-3.x's own default)."""
     init: str = "layout_invariant"
     """'layout_invariant': every weight is a function of (seed, name), identical under any
     TP/PP layout; 'megatron': megatron's per-rank init (faster to build at scale)."""
@@ -155,6 +166,9 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     stop_after: Optional[int] = None
     """Stop (with a checkpoint) after this many steps in this invocation, e.g. to test resume."""
+    init_from: Optional[str] = None
+    """Start a new run from pretrained weights: 'hf:/path/to/model' (a local Hugging Face Llama:
+    config.json, safetensors, tokenizer). Applies only when the run has no checkpoint to resume."""
     reset_data: bool = False
     """A new training stage: resume the model, optimizer and schedule but restart the data stream
     (needed when seq_len, the datasets or the data order changed; refused otherwise)."""
@@ -322,6 +336,37 @@ class ProfilingConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = 0
+    """Evaluate the validation data every N steps (and at the last step); 0 = off."""
+    batches: int = 4
+    """Global batches (of train.global_batch_size packed sequences) per evaluation."""
+
+
+@dataclass
+class SamplesConfig:
+    interval: int = 0
+    """Every N steps, sample the prompts from the newest committed checkpoint in a side process
+    (CPU, niced: training never waits for it) into RUN_DIR/samples/step_XXXXXXXX/; 0 = off."""
+    prompts: list[str] = field(default_factory=lambda: ["Hello, this is a test of the speech model."])
+    """Texts to speak."""
+    max_tokens: int = 500
+    """Speech tokens sampled at most per prompt."""
+    greedy: bool = True
+    """Greedy decoding (comparable across steps); false: temperature sampling, seeded."""
+    temperature: float = 0.8
+    """Sampling temperature when not greedy."""
+    seed: int = 0
+    """Seed of the sampler (prompt i uses seed + i)."""
+    codec: Optional[str] = None
+    """Codec to decode with; None = the one recorded in training (the dataset's)."""
+    codec_path: Optional[str] = None
+    """The codec's weights; None = the first training dataset (where the demo codec keeps them)."""
+    timeout_s: float = 900.0
+    """A side process running longer is killed and counted as a failure (never fatal)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The speech LM."""
@@ -347,6 +392,10 @@ class Config:
     """Alerts: log lines, metrics events, optional command/webhook hooks."""
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     """Nsight Systems capture windows, torch.profiler traces, runtime triggers."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation loss on held-out data."""
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """Audio samples of the model during training."""
 
     # ---- derived facts, computed from the tree (no state of their own) ----
     def dp_for(self, world_size: int) -> int:
@@ -377,4 +426,5 @@ def watchdog_longest(w: WatchdogConfig) -> float:
 
 __all__ = ["ConfigError", "VocabConfig", "ModelConfig", "ParallelConfig", "TokenizerConfig", "DataConfig",
            "ScheduleConfig", "OptimConfig", "TrainConfig", "GuardConfig", "CheckpointConfig", "LoggingConfig",
-           "WatchdogConfig", "MonitoringConfig", "AlertsConfig", "ProfilingConfig", "Config", "watchdog_longest"]
+           "WatchdogConfig", "MonitoringConfig", "AlertsConfig", "ProfilingConfig", "EvalConfig", "SamplesConfig",
+           "Config", "watchdog_longest"]

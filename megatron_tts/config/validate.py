@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from data_pipeline.layouts import SEGMENTS
+from data_pipeline.layouts import CHAT_LOSS_SEGMENTS, SEGMENTS
 from megatron_tts.config.derived import check_padded_vocab, padded_vocab_size
 from megatron_tts.config.schema import Config, ConfigError, watchdog_longest
 
@@ -98,6 +98,28 @@ def validate(cfg: Config, problems: list[str]) -> None:
     if cfg.data.tokenizer.kind == "byte" and v.text_vocab_size != 256:
         problems.append(f"model.vocab.text_vocab_size={v.text_vocab_size} but the byte tokenizer has 256 ids; "
                         "set it to 256 or use data.tokenizer.kind=hf")
+    if tr.init_from is not None and not (isinstance(tr.init_from, str) and tr.init_from.startswith("hf:")
+                                         and len(tr.init_from) > 3):
+        problems.append(f"train.init_from={tr.init_from!r}: expected hf:/path/to/model (a local Hugging Face Llama)")
+    if cfg.model.framing not in ("plain", "llasa_chat"):
+        problems.append(f"model.framing: '{cfg.model.framing}' unknown; use plain or llasa_chat")
+    elif cfg.model.framing == "llasa_chat":
+        if cfg.data.tokenizer.kind != "hf":
+            problems.append("model.framing=llasa_chat renders the base model's chat template: it needs "
+                            "data.tokenizer.kind=hf with a tokenizer_config.json beside the tokenizer.json")
+        if list(cfg.model.loss_segments) != list(CHAT_LOSS_SEGMENTS):
+            problems.append(f"model.framing=llasa_chat trains as LLaSA does, from SPEECH_GENERATION_START to the end: "
+                            f"set model.loss_segments=[{','.join(CHAT_LOSS_SEGMENTS)}] (now {cfg.model.loss_segments})")
+    sm = cfg.samples
+    for name, v in (("eval.interval", cfg.eval.interval), ("samples.interval", sm.interval)):
+        if isinstance(v, int) and v < 0:
+            problems.append(f"{name}={v}: must be >= 0 (0 = off)")
+    if isinstance(cfg.eval.batches, int) and cfg.eval.batches < 1:
+        problems.append(f"eval.batches={cfg.eval.batches}: must be >= 1")
+    if sm.interval and not sm.prompts:
+        problems.append("samples.prompts: empty; give at least one text, or samples.interval=0")
+    if isinstance(sm.max_tokens, int) and sm.max_tokens < 1:
+        problems.append(f"samples.max_tokens={sm.max_tokens}: must be >= 1")
     d = cfg.data
     if isinstance(d.pack_window, int) and d.pack_window < 1:
         problems.append(f"data.pack_window={d.pack_window}: must be >= 1 (samples packed together; 1024 is typical)")

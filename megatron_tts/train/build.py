@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.layouts import build_layout
-from data_pipeline.loader import PackedLoader
+from data_pipeline.loader import DataConfigError, PackedLoader
 from data_pipeline.tokenizer import build_tokenizer
 from megatron_tts import faults, resume, signals
 from megatron_tts.checkpoint.checkpointer import Checkpointer
 from megatron_tts.checkpoint.collective import bcast
 from megatron_tts.compat.mcore import (
     DistributedDataParallel,
+    unwrap,
     finalize_model_grads,
     model_parallel_cuda_manual_seed,
     parallel_state,
@@ -102,7 +103,7 @@ def wrap_ddp(cfg: Config, chunks: list) -> list:
 def build_loader(cfg: Config, layout: Layout) -> PackedLoader:
     tok = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
                           expected_vocab_size=cfg.model.vocab.text_vocab_size)
-    lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments)
+    lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments, framing=chat_frame(cfg, tok))
     return PackedLoader(cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
                         micro_batch_size=cfg.train.micro_batch_size,
                         global_batch_size=cfg.train.global_batch_size,
@@ -121,6 +122,18 @@ def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[
     num_params = _global_param_count(chunks)
     model = wrap_ddp(cfg, chunks)
     return model, build_optimizer(cfg, model), num_params
+
+
+def chat_frame(cfg: Config, tokenizer):
+    """model.framing=llasa_chat: the chat template's constant pieces (data_pipeline.chat)."""
+    if cfg.model.framing != "llasa_chat":
+        return None
+    from data_pipeline.chat import ChatTemplateError, llasa_chat_frame
+
+    try:
+        return llasa_chat_frame(tokenizer.path, cfg.model.chat_date)
+    except ChatTemplateError as e:
+        raise DataConfigError(str(e)) from None
 
 
 def build_run(cfg: Config) -> Run:
@@ -158,13 +171,15 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
                                 components={"train": state, "scheduler": scheduler, "loader": loader, "guard": guard},
                                 config=cfg.checkpoint, distributed_optimizer=cfg.optim.distributed,
                                 seed=cfg.train.seed, fail=fail, fingerprint=resume.fingerprint(cfg, loader),
-                                on_commit=on_commit)
+                                on_commit=on_commit, config_text=dump_yaml(cfg))
     try:
         plan = resume.plan(cfg, checkpointer, loader, layout.rank == 0)  # may refuse: nothing written yet
     except BaseException:
         checkpointer.close()  # lets its helper process finish starting: killing it half-started is noisy
         loader.close()
         raise
+    if cfg.train.init_from:
+        _init_from(cfg, layout, model, optimizer, resumed=plan.path is not None)
     if layout.rank == 0:
         if cfg.train.resume == "never":
             for moved in resume.archive_history(cfg.train.run_dir, cfg.checkpoint_dir):
@@ -181,6 +196,21 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
     return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
                num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock)
+
+
+def _init_from(cfg: Config, layout: Layout, model: list, optimizer, resumed: bool) -> None:
+    """train.init_from: pretrained weights for a new run (a resumed run has its own)."""
+    if resumed:
+        if layout.rank == 0:
+            log.warning("train.init_from=%s ignored: resuming from the run's checkpoint", cfg.train.init_from)
+        return
+    from megatron_tts.hf.importer import load_hf
+
+    kind, _, path = cfg.train.init_from.partition(":")
+    summary = load_hf([unwrap(m) for m in model], cfg, path)
+    optimizer.reload_model_params()  # its fp32 main copies were taken from the random init
+    if layout.rank == 0:
+        log.info("train.init_from: %s", summary)
 
 
 def _lock_run_dir(cfg: Config, layout: Layout) -> Optional[RunLock]:

@@ -18,12 +18,17 @@ loop. Fault injection is installed only when MEGATRON_TTS_FAULT is set, so it is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_tts import faults, watchdog
+from megatron_tts.checkpoint import format as fmt
 from megatron_tts.train.step import StepResult, stats_fields
 from monitoring.metrics import JsonlWriter
 
@@ -188,6 +193,77 @@ class CheckpointCadence(Hook):
         return path
 
 
+class AudioSamples(Hook):
+    """samples.interval: rank 0 samples the newest committed checkpoint in a side process (CPU,
+    niced), never blocking a step; a failure is counted and logged, never fatal. The checkpoint
+    is pinned against pruning while it is read."""
+
+    def __init__(self, cfg, run_dir: str) -> None:
+        self.cfg = cfg
+        self.root = os.path.join(run_dir, "samples")
+        self.proc = None
+        self.started = 0.0
+        self.current: Optional[tuple[int, str]] = None
+        self.done_steps: set[int] = set()
+        self.failures = 0
+
+    def on_checkpoint_point(self, run, end: StepEnd) -> None:
+        self._poll(run)
+        if end.step % self.cfg.interval or self.proc is not None:
+            return
+        latest = fmt.committed_checkpoints(run.checkpointer.root)
+        if not latest or latest[-1][0] in self.done_steps:
+            return
+        step, path = latest[-1]
+        out = os.path.join(self.root, fmt.step_dir_name(step))
+        os.makedirs(out, exist_ok=True)
+        c = self.cfg
+        cmd = [sys.executable, "-m", "megatron_tts.generate.samples", "--checkpoint", path, "--out", out,
+               "--prompts", json.dumps(list(c.prompts)), "--max-tokens", str(c.max_tokens), "--seed", str(c.seed),
+               "--temperature", str(c.temperature)] + (["--greedy"] if c.greedy else []) + \
+            (["--codec", c.codec] if c.codec else []) + (["--codec-path", c.codec_path] if c.codec_path else [])
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # never the training GPUs
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+            env.pop(k, None)
+        log_file = open(os.path.join(out, "log.txt"), "wb")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                         preexec_fn=lambda: os.nice(10), start_new_session=True)
+        finally:
+            log_file.close()
+        run.checkpointer.pinned.add(path)
+        self.current, self.started = (step, path), time.monotonic()
+        self.done_steps.add(step)
+        log.info("audio samples of %s started in a side process -> %s", path, out)
+
+    def _poll(self, run, wait_s: float = 0.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            rc = self.proc.wait(timeout=wait_s) if wait_s else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            rc = None
+        overdue = rc is None and time.monotonic() - self.started > self.cfg.timeout_s
+        if rc is None and not (overdue or wait_s):
+            return
+        if rc is None:
+            self.proc.kill()
+            self.proc.wait()
+        step, path = self.current
+        run.checkpointer.pinned.discard(path)
+        self.proc, self.current = None, None
+        if rc != 0:
+            self.failures += 1
+            why = "timed out" if overdue else ("stopped at the end of training" if rc is None else f"exit {rc}")
+            log.warning("audio samples of step %d failed (%s; see %s/log.txt); %d failure(s) so far, training "
+                        "goes on", step, why, os.path.join(self.root, fmt.step_dir_name(step)), self.failures)
+            with open(os.path.join(self.root, "failures.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "why": why, "failures": self.failures, "time": time.time()}) + "\n")
+
+    def close(self, run) -> None:
+        self._poll(run, wait_s=self.cfg.timeout_s if self.proc is not None else 0.0)
+
+
 def default_hooks(run, saved_step: Optional[int]) -> Hooks:
     hooks: list[Hook] = [WatchdogBeats()]
     if faults.enabled():
@@ -198,6 +274,8 @@ def default_hooks(run, saved_step: Optional[int]) -> Hooks:
         hooks.append(Ledger(os.path.join(run.cfg.train.run_dir, "ledger", f"rank_{lay.rank:05d}.jsonl"),
                             run.incarnation))
     hooks += [MetricsRecord(), CheckpointCadence(saved_step)]
+    if run.cfg.samples.interval and lay.rank == 0:
+        hooks.append(AudioSamples(run.cfg.samples, run.cfg.train.run_dir))
     return Hooks(hooks)
 
 

@@ -19,7 +19,7 @@ from megatron_tts.step_guard import Verdict
 log = logging.getLogger("megatron_tts")
 
 # Segments whose loss counts as "speech" in the metrics.
-SPEECH_SEGMENTS = ("speech", "speech_end")
+SPEECH_SEGMENTS = ("speech_start", "speech", "speech_end")
 # The loss function's report per micro-batch: these sums, then per-source loss sums and counts.
 _REPORT = ("loss_sum", "n_loss", "speech_sum", "n_speech", "text_sum", "n_text")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -19,42 +18,23 @@ from megatron_tts.checkpoint.checkpointer import Checkpointer  # noqa: E402
 from megatron_tts.checkpoint.errors import CheckpointError  # noqa: E402
 from megatron_tts.compat.mcore import get_cuda_rng_tracker  # noqa: E402
 from megatron_tts.config import load_config  # noqa: E402
-from megatron_tts.parallel import destroy_distributed, init_distributed  # noqa: E402
 from megatron_tts.train.build import TrainState, build_model_and_optimizer  # noqa: E402
-from tests.helpers import REPO, SMALL  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import REPO, SMALL, world_of_one  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One process group and one model + optimizer (with Adam states) for the module."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
                       SMALL + ["model.transformer.num_layers=2", "watchdog.enabled=false",
                                f"train.run_dir={tmp_path_factory.mktemp('run')}"])
-    layout = init_distributed(cfg)
-    model, optimizer, _ = build_model_and_optimizer(cfg, seed=0)
-    for m in model:
-        m.zero_grad_buffer()
-    optimizer.zero_grad()
-    optimizer.step()  # Adam moments exist
-    try:
+    with world_of_one(cfg) as layout:
+        model, optimizer, _ = build_model_and_optimizer(cfg, seed=0)
+        for m in model:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        optimizer.step()  # Adam moments exist
         yield cfg, layout, model, optimizer
-    finally:
-        destroy_distributed()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def checkpointer(world, root, events=None, fail=None, **overrides):

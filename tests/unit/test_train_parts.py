@@ -64,7 +64,8 @@ def test_only_the_events_a_hook_implements_are_called():
 
 
 def _run(ledger=False):
-    cfg = types.SimpleNamespace(logging=types.SimpleNamespace(ledger=ledger), train=types.SimpleNamespace(run_dir="."))
+    cfg = types.SimpleNamespace(logging=types.SimpleNamespace(ledger=ledger), train=types.SimpleNamespace(run_dir="."),
+                                samples=types.SimpleNamespace(interval=0))
     lay = types.SimpleNamespace(rank=0, tp_rank=0, pp_rank=0)
     return types.SimpleNamespace(cfg=cfg, layout=lay, incarnation=None)
 

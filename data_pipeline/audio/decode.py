@@ -113,7 +113,7 @@ def check_complete(info, n_read: int) -> None:
     fmt = str(getattr(info, "format", "")).upper()
     slack = 1152 + declared // 50 if fmt == "MP3" else 0
     if n_read + slack < declared:
-        raise DecodeError("truncated", f"{n_read} of {declared} samples decoded")
+        raise DecodeError("incomplete", f"{n_read} of {declared} samples decoded (truncated or corrupt)")
 
 
 class DaliDecoder:

@@ -288,3 +288,18 @@ def test_filter_defaults_are_documented():
 
     settings, _ = parse_settings([f"{k}={v}" for k, v in vars(FilterConfig()).items()])
     assert settings["max_duration"] == 30.0 and settings["split_long"] is False
+
+
+def test_data_codec_config_is_validated_and_compared():
+    from megatron_tts.config.load import ConfigError, load_config
+    from megatron_tts.train.build import DataConfigError, check_dataset_codec
+
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["data.codec.name=mel-kmeans", "data.codec.frame_rate=50"])
+    assert cfg.data.codec == {"name": "mel-kmeans", "frame_rate": 50}
+    with pytest.raises(ConfigError, match="data.codec.bogus: unknown"):
+        load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["data.codec.bogus=1"])
+    demo = DatasetIndex.load(os.path.join(REPO, "data", "demo")).codec
+    check_dataset_codec(cfg.data.codec, demo)  # 50 and 50.0 agree
+    check_dataset_codec(None, demo)
+    with pytest.raises(DataConfigError, match="checkpoint_sha256: data.codec has 'abc'"):
+        check_dataset_codec({"name": "mel-kmeans", "checkpoint_sha256": "abc"}, demo)

@@ -43,7 +43,7 @@ demo-data: install
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null 2>&1)) || true; \
 	fi
 	@if command -v espeak-ng >/dev/null; then \
-	  $(BIN)/python -m data_pipeline build-demo --out $(DEMO_DATA); \
+	  $(BIN)/python -m data_pipeline build-demo --out $(DEMO_DATA) --corpus $(DEMO_RUN)/corpus; \
 	else \
 	  echo "espeak-ng unavailable: using the committed data/demo shards"; \
 	  mkdir -p $(DEMO_RUN) && rm -rf $(DEMO_DATA) && cp -r data/demo $(DEMO_DATA); \

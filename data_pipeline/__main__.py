@@ -375,6 +375,7 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("--name", help="dataset name (default: basename of DIR)")
     pw.add_argument("--samples-per-shard", type=int, default=1000)
     sub.add_parser("build-demo", help="build the demo dataset (see build-demo --help)", add_help=False)
+    sub.add_parser("tokenize", help="audio corpora -> codec-token shards (see tokenize --help)", add_help=False)
     return p
 
 
@@ -383,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "build-demo":
             return cmd_build_demo(argv[1:])
+        if argv and argv[0] == "tokenize":
+            from .tokenize.cli import main as tokenize_main  # lazy: torch and the codecs
+
+            return tokenize_main(argv[1:])
         args = _parser().parse_args(argv)
         if args.cmd == "inspect":
             return cmd_inspect(args)

@@ -32,7 +32,7 @@ import numpy as np
 
 from data_pipeline.codec import MelKMeansCodec, pcm16_to_float
 from data_pipeline.sentences import generate_sentences
-from data_pipeline.shards import Sample, write_dataset
+from data_pipeline.shards import DatasetIndex, read_shard
 
 DEFAULT_VOICES: tuple[str, ...] = ("en-us", "en-gb", "en-us+f3", "en+m3", "en-gb-scotland+f2",
                                    "en-029+m2")
@@ -51,8 +51,9 @@ ESPEAK_MISSING_MESSAGE = (
 )
 # Files a previous build may have left in the output directory; removed before writing so
 # a smaller rebuild does not leave stale shards behind.
-_OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "index.json", BUILD_FILE, CODEBOOK_FILE,
-                   "codebook.json")
+_OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "shard-*.report.json", "index.json", BUILD_FILE,
+                   CODEBOOK_FILE, "codebook.json", "tokenize_plan.json", "tokenize_report.json")
+MANIFEST_FILE = f"{DATASET_NAME}.jsonl"
 
 
 class EspeakNotFoundError(RuntimeError):
@@ -69,6 +70,7 @@ class Utterance:
     speed_wpm: int
     sample_rate: int
     audio: np.ndarray  # mono float32 in [-1, 1)
+    wav: bytes = b""  # the file espeak-ng wrote (the corpus keeps it byte for byte)
 
 
 def find_espeak(executable: str = "espeak-ng") -> str:
@@ -133,10 +135,38 @@ def synthesize(plan: Sequence[tuple[int, str, str, int]], espeak: str,
             audio, rate = _read_wav(wav)
             if audio.size == 0:
                 raise RuntimeError(f"espeak-ng produced no audio for {text!r} ({voice})")
-            return Utterance(index, text, voice, speed, rate, audio)
+            return Utterance(index, text, voice, speed, rate, audio, wav.read_bytes())
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(one, plan))
+
+
+def write_corpus(utts: Sequence[Utterance], corpus: Path, version: str) -> Path:
+    """The synthesised speech as a corpus: ``VOICE/NNNNN.wav`` (espeak-ng's own files) and a
+    manifest ``demo.jsonl`` (key, path, text, speaker, language and the synthesis settings)."""
+    rows = []
+    for u in utts:
+        rel = f"{speaker_slug(u.voice)}/{u.index:05d}.wav"
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_bytes(u.wav)
+        rows.append(json.dumps({"key": rel[:-4], "path": rel, "text": u.text, "speaker": u.voice, "language": "en",
+                                "voice": u.voice, "speed_wpm": u.speed_wpm, "tts": f"espeak-ng {version}"}))
+    manifest = corpus / MANIFEST_FILE
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def tokenize_corpus(codebook: Path, manifest: Path, out: Path, samples_per_shard: int, verbose: bool) -> int:
+    """``python -m data_pipeline tokenize --codec mel-kmeans`` over the corpus, in this process."""
+    from data_pipeline.tokenize.cli import main as tokenize_main
+
+    argv = ["--codec", "mel-kmeans", "--codec-path", str(codebook), "--input", str(manifest),
+                          "--out", str(out), f"shard_size={samples_per_shard}", f"name={DATASET_NAME}",
+                          "provenance=false", "decoder=soundfile", "max_clipped_fraction=1", "min_duration=0.01",
+                          "max_duration=3600", "rank=0", "world_size=1", f"progress={str(verbose).lower()}"]
+    if verbose:
+        print("python -m data_pipeline tokenize " + " ".join(argv))
+    return tokenize_main(argv)
 
 
 def token_entropies(code_seqs: Sequence[np.ndarray], codebook_size: int) -> dict:
@@ -191,7 +221,7 @@ def build_demo(out_dir: str | os.PathLike[str], n_sentences: int = DEFAULT_SENTE
                seed: int = DEFAULT_SEED, codebook_size: int = DEFAULT_CODEBOOK_SIZE,
                samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                voices: Sequence[str] = DEFAULT_VOICES, workers: int | None = None,
-               verbose: bool = True) -> dict:
+               verbose: bool = True, corpus_dir: str | os.PathLike[str] | None = None) -> dict:
     """Synthesise, fit the codec, encode and write the demo dataset into ``out_dir``.
 
     Returns the BUILD.json dict. Raises :class:`EspeakNotFoundError` if espeak-ng is missing.
@@ -216,23 +246,22 @@ def build_demo(out_dir: str | os.PathLike[str], n_sentences: int = DEFAULT_SENTE
     codec.fit([u.audio for u in utts])
     info = codec.codec_info()
 
-    samples = []
-    code_seqs = []
-    for u in utts:
-        codes = codec.encode(u.audio)
-        code_seqs.append(codes[0])
-        meta = {"codec": info, "duration_s": u.audio.size / sample_rate,
-                "n_frames": int(codes.shape[1]), "speaker": u.voice, "language": "en",
-                "dataset": DATASET_NAME, "voice": u.voice, "speed_wpm": u.speed_wpm,
-                "tts": f"espeak-ng {version}"}
-        samples.append(Sample(key=f"{DATASET_NAME}/{speaker_slug(u.voice)}/{u.index:05d}",
-                              codes=codes, text=u.text, meta=meta))
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clean_output(out)
-    index = write_dataset(str(out), samples, info, samples_per_shard, DATASET_NAME)
+    with tempfile.TemporaryDirectory(prefix="demo-corpus-") as tmp:
+        corpus = Path(corpus_dir) if corpus_dir is not None else Path(tmp)
+        manifest = write_corpus(utts, corpus, version)
+        codec.save(corpus / CODEBOOK_FILE)
+        # The same path a real corpus takes: python -m data_pipeline tokenize.
+        rc = tokenize_corpus(corpus / CODEBOOK_FILE, manifest, out, samples_per_shard, verbose)
+        if rc != 0:
+            raise RuntimeError(f"tokenize exited {rc}")
     codec.save(out / CODEBOOK_FILE)
+    index = DatasetIndex.load(str(out))
+    if index.n_samples != len(utts):
+        raise RuntimeError(f"tokenize kept {index.n_samples} of {len(utts)} utterances (see {out}/tokenize_report.json)")
+    code_seqs = [s.codes[0] for url in index.shard_urls() for s in read_shard(url)]
 
     n_tokens = int(sum(c.size for c in code_seqs))
     stats = {
@@ -310,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices", default=",".join(DEFAULT_VOICES),
                    help="comma-separated espeak-ng voices, one speaker each "
                         f"(default {','.join(DEFAULT_VOICES)})")
+    p.add_argument("--corpus", default=None, metavar="DIR",
+                   help="keep the synthesised corpus (wavs, demo.jsonl, codebook) in DIR (default: a temp dir)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel espeak-ng processes (does not affect the output)")
     return p
@@ -325,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         build_demo(args.out, n_sentences=args.sentences, seed=args.seed,
                    codebook_size=args.codebook_size, samples_per_shard=args.samples_per_shard,
-                   voices=voices, workers=args.workers)
+                   voices=voices, workers=args.workers, corpus_dir=args.corpus)
     except EspeakNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

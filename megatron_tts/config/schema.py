@@ -122,6 +122,11 @@ class DataConfig:
     """Optimizer steps prepared ahead by the background thread."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Text tokenizer."""
+    codec: Optional[dict] = None
+    """The codec the datasets must have been tokenized with: any of name, version, sample_rate,
+    frame_rate, n_q, codebook_size, checkpoint_sha256 (as in a dataset's index.json, e.g.
+    {name: xcodec2, checkpoint_sha256: ...}); a dataset differing in a given field stops the run
+    (exit 3). None: not checked."""
 
 
 @dataclass

@@ -121,6 +121,8 @@ def validate(cfg: Config, problems: list[str]) -> None:
     if isinstance(sm.max_tokens, int) and sm.max_tokens < 1:
         problems.append(f"samples.max_tokens={sm.max_tokens}: must be >= 1")
     d = cfg.data
+    if d.codec is not None:
+        problems.extend(_codec_problems(d.codec))
     if isinstance(d.pack_window, int) and d.pack_window < 1:
         problems.append(f"data.pack_window={d.pack_window}: must be >= 1 (samples packed together; 1024 is typical)")
     if isinstance(d.num_workers, int) and not 1 <= d.num_workers <= 64:
@@ -306,3 +308,17 @@ def validate_world(cfg: Config, world_size: int) -> None:
     problems = layout_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems, "launch layout")
+
+
+def _codec_problems(codec) -> list[str]:
+    from data_pipeline.shard_format import CODEC_IDENTITY_KEYS
+
+    if not isinstance(codec, dict):
+        return [f"data.codec: expected a mapping of {', '.join(CODEC_IDENTITY_KEYS)}, got {codec!r}"]
+    bad = sorted(set(codec) - set(CODEC_IDENTITY_KEYS))
+    out = [f"data.codec.{k}: unknown; valid keys are {', '.join(CODEC_IDENTITY_KEYS)}" for k in bad]
+    for k in ("sample_rate", "frame_rate", "n_q", "codebook_size"):
+        v = codec.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            out.append(f"data.codec.{k}={v!r}: must be a positive number")
+    return out

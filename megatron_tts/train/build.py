@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from data_pipeline.layouts import build_layout
 from data_pipeline.loader import DataConfigError, PackedLoader
+from data_pipeline.shard_format import codec_identity
 from data_pipeline.tokenizer import build_tokenizer
 from megatron_tts import faults, resume, signals
 from megatron_tts.checkpoint.checkpointer import Checkpointer
@@ -112,6 +113,20 @@ def build_loader(cfg: Config, layout: Layout) -> PackedLoader:
                         prefetch=cfg.data.prefetch)
 
 
+def check_dataset_codec(expected: Optional[dict], actual: dict) -> None:
+    """data.codec (the recipe's codec) against the datasets' codec: every field the recipe gives
+    must match, or DataConfigError (exit 3) naming each differing field."""
+    if not expected:
+        return
+    want, have = codec_identity(expected), codec_identity(actual)
+    diffs = [f"{k}: data.codec has {v!r}, the datasets {have.get(k, 'do not record it')!r}"
+             for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise DataConfigError("the datasets were tokenized with another codec than the recipe's data.codec ("
+                              + "; ".join(diffs) + "); point data.paths at data tokenized with that codec, "
+                              "or fix data.codec")
+
+
 def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[list, Any, int]:
     """The DDP-wrapped model chunks of this rank, megatron's optimizer over them, and the global
     parameter count (a collective over the model-parallel group)."""
@@ -158,6 +173,7 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
                            "train.global_batch_size instead), or set model.layer_spec=local")
     # Built before the model: a bad dataset path or tokenizer fails in seconds, not after init.
     loader = build_loader(cfg, layout)
+    check_dataset_codec(cfg.data.codec, loader.codec_identity())
     model, optimizer, num_params = build_model_and_optimizer(cfg)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState()

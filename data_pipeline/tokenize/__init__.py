@@ -1,0 +1,1 @@
+"""Audio corpora -> codec-token shards: readers, work units and resume, the worker, the CLI."""

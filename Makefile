@@ -11,14 +11,15 @@ DEMO_RUN ?= runs/demo
 DEMO_DATA ?= $(DEMO_RUN)/data
 DEMO_STEPS ?= 300
 NPROC ?= 2
-# Test files run in parallel (pytest-xdist, one file per worker: its module fixtures are built once);
+# Test files run in parallel (pytest-xdist; tests/conftest.py keeps each file on one worker, and
+# every file that uses the Slurm test cluster on the same one);
 # most of a test's time is process start-up and waits.
 TEST_WORKERS ?= 3
 
 .PHONY: install demo test test-fast demo-data clean help
 
 help:
-	@echo "make demo   - install into .venv, build the demo token shards from espeak-ng audio, pretrain tiny (TP=2, CPU), stop, resume"
+	@echo "make demo   - install into .venv, build the demo token shards from espeak-ng audio, pretrain tiny (TP=2, CPU), stop, resume, speak"
 	@echo "make test   - install into .venv and run the test suite"
 
 install: $(STAMP)
@@ -60,9 +61,12 @@ demo: demo-data
 	  -m launch.pretrain --config configs/tiny.yaml parallel.tp=2 data.paths=[$(DEMO_DATA)] \
 	  train.run_dir=$(DEMO_RUN) train.steps=$(DEMO_STEPS) train.resume=auto
 	$(BIN)/python -m launch.summary $(DEMO_RUN) --data $(DEMO_DATA)
+	@echo "== hearing it: a training sentence, greedy, decoded by the demo codec =="
+	OMP_NUM_THREADS=2 $(BIN)/python -m megatron_tts.generate.speak $(DEMO_RUN) --data $(DEMO_DATA) \
+	  --out $(DEMO_RUN)/demo.wav
 
 test: install
-	$(BIN)/python -m pytest -q -ra --timeout 600 --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -ra --timeout 600 --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -215,6 +215,12 @@ class PackedLoader:
                 f"{self.micro_batch_size * dp_size} (or change micro_batch_size / the data-parallel size)"
             )
 
+    def sample_keys(self):
+        """Every sample key of the datasets (stable ids; e.g. to prove validation data disjoint)."""
+        for ix in self._indexes:
+            for s in ix.samples:
+                yield s.key
+
     def codec_identity(self) -> dict:
         """The codec every dataset of this loader was tokenized with (identical across them)."""
         return dict(self._codec)

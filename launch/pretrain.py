@@ -29,9 +29,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megatron_tts.config import ConfigError
     from megatron_tts.resume import ResumeError
     from megatron_tts.run_lock import RunDirError, RunDirLocked
+    from megatron_tts.train.evaluate import ValidationOverlap
 
     return (ConfigError, DataConfigError, TokenizerError, LayoutError, ShardError, ResumeError, CheckpointError,
-            RunDirLocked, RunDirError)
+            RunDirLocked, RunDirError, ValidationOverlap)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,10 +50,13 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_ass
 SCALARS = ("loss", "loss_text", "loss_speech", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu",
            "tflops_per_gpu", "mfu", "step_time_s", "data_wait_s", "pack_efficiency", "skipped_step",
            "skipped_steps", "loss_spikes", "rollbacks", "skipped_bad_sample", "skipped_bad_shard",
-           "nonfatal_errors", "consumed_tokens", "consumed_samples", "audio_hours", "time", "epoch")
+           "nonfatal_errors", "consumed_tokens", "consumed_samples", "audio_hours", "time", "epoch",
+           "val_loss", "val_loss_speech", "val_loss_text")
 _SCALAR_SET = frozenset(SCALARS)
 ALIASES = {"spikes": "loss_spikes"}
-NESTED = {"phase_s": "phase.", "mem": "mem.", "loss_by_source": "src."}
+NESTED = {"phase_s": "phase.", "mem": "mem.", "loss_by_source": "src.", "val_loss_by_source": "vsrc."}
+SAMPLE_STEPS = 6  # newest steps of audio samples embedded in the page
+SAMPLE_BYTES = 4 << 20  # a wav or png larger than this is listed, not embedded
 GPU_METRICS = ("util_pct", "mem_used_gb", "power_w", "temp_c", "sm_clock_mhz")
 # NVML reasons that are not a slowdown (an idle GPU, clocks set on purpose): no marker for them.
 BENIGN_THROTTLE = ("idle", "applicationsclock", "applicationclock", "syncboost", "displayclock", "none")
@@ -593,6 +596,7 @@ class RunData:
             "heat": self.heat.payload(),
             "config": config, "config_text": config_text, "config_error": config_error,
             "exits": _read_exits(self.run_dir),
+            "samples": _read_samples(self.run_dir),
         }
         return _clean(out)
 
@@ -629,6 +633,40 @@ def _read_config(run_dir: str) -> tuple[Optional[list], Optional[str], Optional[
         if node is not None:
             pairs.append([key, json.dumps(node) if isinstance(node, (list, dict)) else str(node)])
     return pairs, text, None
+
+
+def _read_samples(run_dir: str) -> dict:
+    """RUN_DIR/samples/step_X/ (megatron_tts.generate.samples): the newest finished steps, their
+    wavs and spectrograms embedded as data URIs (the page stays self-contained), and failures."""
+    import base64
+
+    root = os.path.join(run_dir, "samples")
+    out: dict = {"steps": [], "failures": read_jsonl(os.path.join(root, "failures.jsonl"))
+                 if os.path.isfile(os.path.join(root, "failures.jsonl")) else []}
+    if not os.path.isdir(root):
+        return out
+    done = sorted((d for d in os.listdir(root) if d.startswith("step_") and
+                   os.path.isfile(os.path.join(root, d, "samples.json"))), key=_natural)
+    for d in done[-SAMPLE_STEPS:][::-1]:
+        try:
+            with open(os.path.join(root, d, "samples.json")) as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            continue
+        prompts = []
+        for p in summary.get("prompts", []):
+            item = {k: p.get(k) for k in ("index", "text", "seconds", "frames", "stop")}
+            for ext, mime in (("wav", "audio/wav"), ("png", "image/png")):
+                path = os.path.join(root, d, f"{p.get('index')}.{ext}")
+                if os.path.isfile(path) and os.path.getsize(path) <= SAMPLE_BYTES:
+                    with open(path, "rb") as f:
+                        item[ext] = f"data:{mime};base64," + base64.b64encode(f.read()).decode()
+                else:
+                    item[ext] = None
+            prompts.append(item)
+        out["steps"].append({"step": int(d[5:]), "checkpoint": summary.get("checkpoint"),
+                             "seconds": summary.get("seconds"), "prompts": prompts})
+    return out
 
 
 def _read_exits(run_dir: str) -> list[dict]:

@@ -55,3 +55,16 @@ def s3_server() -> Iterator[S3Server]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+# ------------------------------------------------------- parallel test workers (pytest-xdist)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup`: each test file runs on one worker (its module fixtures are built
+    once), and every file that starts the local Slurm cluster shares one worker (there is one
+    munge and one set of Slurm daemons per machine)."""
+    slurm_files = {item.nodeid.split("::")[0] for item in items if "slurm" in getattr(item, "fixturenames", ())}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("slurm" if file in slurm_files else file))

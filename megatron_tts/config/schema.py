@@ -127,6 +127,8 @@ class DataConfig:
     frame_rate, n_q, codebook_size, checkpoint_sha256 (as in a dataset's index.json, e.g.
     {name: xcodec2, checkpoint_sha256: ...}); a dataset differing in a given field stops the run
     (exit 3). None: not checked."""
+    valid_paths: list[str] = field(default_factory=list)
+    """Validation datasets (eval.interval); a sample key found in the training data too is refused."""
 
 
 @dataclass

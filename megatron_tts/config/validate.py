@@ -114,6 +114,8 @@ def validate(cfg: Config, problems: list[str]) -> None:
     for name, v in (("eval.interval", cfg.eval.interval), ("samples.interval", sm.interval)):
         if isinstance(v, int) and v < 0:
             problems.append(f"{name}={v}: must be >= 0 (0 = off)")
+    if cfg.eval.interval and not cfg.data.valid_paths:
+        problems.append("eval.interval: set data.valid_paths=[...] (validation datasets), or eval.interval=0")
     if isinstance(cfg.eval.batches, int) and cfg.eval.batches < 1:
         problems.append(f"eval.batches={cfg.eval.batches}: must be >= 1")
     if sm.interval and not sm.prompts:

@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import Optional
 
+from megatron_tts.generate.quiet import quiet
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_tts.generate", description=__doc__,
@@ -39,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet()
     args = parser().parse_args(argv)
     from megatron_tts.generate.audio import AudioError, synthesize
 

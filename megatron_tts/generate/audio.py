@@ -44,17 +44,23 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
 
 def codec_for(lm, name: Optional[str], path: Optional[str]):
     """The codec the model was trained with (its identity recorded in the checkpoint)."""
-    try:
-        from data_pipeline.codecs import load_codec
-    except ImportError as e:
-        raise AudioError(f"no codec decoders available ({e})") from None
+    from data_pipeline.codecs import CodecError, load_codec
+
     name = name or lm.codec.get("name")
     path = path or lm.data_dir
     if not name:
         raise AudioError("the checkpoint records no codec: pass --codec NAME --codec-path DIR")
     if not path:
         raise AudioError(f"--codec-path: where are the weights of codec {name}?")
-    return load_codec(name, path)
+    try:
+        codec = load_codec(name, path)
+    except CodecError as e:
+        raise AudioError(str(e)) from None
+    want = lm.codec.get("checkpoint_sha256")
+    if want and codec.checkpoint_sha256 != want:
+        raise AudioError(f"codec weights at {path} (sha256 {codec.checkpoint_sha256[:12]}) are not the ones the model "
+                         f"was trained with ({want[:12]}): its codes would decode to other sounds")
+    return codec
 
 
 def synthesize(args) -> dict:
@@ -65,7 +71,11 @@ def synthesize(args) -> dict:
     if args.prompt_audio:
         codec = codec_for(lm, args.codec, args.codec_path)
         audio, sr = read_wav(args.prompt_audio)
-        prompt_codes = codec.encode_waveform(audio, sr)
+        if sr != codec.sample_rate:
+            from data_pipeline.audio.resample import resample
+
+            audio = np.asarray(resample(audio, sr, codec.sample_rate), dtype=np.float32)
+        prompt_codes = codec.encode([audio])[0]
         text = f"{args.prompt_text} {args.text}"
     prompt = prompt_ids(lm, text, prompt_codes)
     s = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -75,7 +85,7 @@ def synthesize(args) -> dict:
     out = {"codes": codes, "stop": stop, "frames": codes.shape[1], "seconds": 0.0, "prompt": prompt, "ids": ids}
     if args.out:
         codec = codec or codec_for(lm, args.codec, args.codec_path)
-        audio = codec.decode_waveform(codes) if codes.shape[1] else np.zeros(0, dtype=np.float32)
+        audio = codec.decode(codes) if codes.shape[1] else np.zeros(0, dtype=np.float32)
         write_wav(args.out, audio, codec.sample_rate)
         out["seconds"] = len(audio) / codec.sample_rate
     return out

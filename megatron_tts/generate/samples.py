@@ -17,6 +17,8 @@ import time
 import zlib
 from typing import Optional
 
+from megatron_tts.generate.quiet import quiet
+
 import numpy as np
 
 SUMMARY = "samples.json"
@@ -64,7 +66,7 @@ def sample_checkpoint(checkpoint: str, out: str, prompts: list[str], max_tokens:
         ids, stop = generate(lm, prompt_ids(lm, text),
                              Sampling(greedy=greedy, temperature=temperature, max_tokens=max_tokens, seed=seed + i))
         codes = to_codes(lm, ids)
-        audio = dec.decode_waveform(codes) if codes.shape[1] else np.zeros(dec.sample_rate // 10, dtype=np.float32)
+        audio = dec.decode(codes) if codes.shape[1] else np.zeros(dec.sample_rate // 10, dtype=np.float32)
         write_wav(os.path.join(out, f"{i}.wav"), audio, dec.sample_rate)
         write_png(os.path.join(out, f"{i}.png"), spectrogram(audio, dec.sample_rate)[::-1])
         row = {"index": i, "text": text, "codes": codes.tolist(), "frames": int(codes.shape[1]),
@@ -82,6 +84,7 @@ def sample_checkpoint(checkpoint: str, out: str, prompts: list[str], max_tokens:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet()
     p = argparse.ArgumentParser(prog="python -m megatron_tts.generate.samples", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)

@@ -11,8 +11,11 @@ import argparse
 import sys
 from typing import Optional
 
+from megatron_tts.generate.quiet import quiet
+
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet()
     parser = argparse.ArgumentParser(prog="python -m megatron_tts.hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)

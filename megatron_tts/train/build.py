@@ -83,6 +83,7 @@ class Run:
     incarnation: Optional[str] = None  # one id per start of the job (logging.ledger)
     hooks: Any = None  # megatron_tts.train.hooks.Hooks, installed by the loop
     resume_plan: Optional[resume.ResumePlan] = None
+    valid_loader: Any = None  # data.valid_paths, when eval.interval
     lock: Optional[RunLock] = None  # rank 0: the run directory lock
 
 
@@ -101,16 +102,17 @@ def wrap_ddp(cfg: Config, chunks: list) -> list:
     return model
 
 
-def build_loader(cfg: Config, layout: Layout) -> PackedLoader:
+def build_loader(cfg: Config, layout: Layout, paths: Optional[list[str]] = None) -> PackedLoader:
     tok = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
                           expected_vocab_size=cfg.model.vocab.text_vocab_size)
     lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments, framing=chat_frame(cfg, tok))
-    return PackedLoader(cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
+    valid = paths is not None
+    return PackedLoader(paths or cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
                         micro_batch_size=cfg.train.micro_batch_size,
                         global_batch_size=cfg.train.global_batch_size,
                         dp_rank=layout.dp_rank, dp_size=layout.dp, seed=cfg.train.seed,
-                        pack_window=cfg.data.pack_window, num_workers=cfg.data.num_workers,
-                        prefetch=cfg.data.prefetch)
+                        pack_window=cfg.data.pack_window, num_workers=1 if valid else cfg.data.num_workers,
+                        prefetch=0 if valid else cfg.data.prefetch)
 
 
 def check_dataset_codec(expected: Optional[dict], actual: dict) -> None:
@@ -174,6 +176,12 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
     # Built before the model: a bad dataset path or tokenizer fails in seconds, not after init.
     loader = build_loader(cfg, layout)
     check_dataset_codec(cfg.data.codec, loader.codec_identity())
+    valid_loader = None
+    if cfg.eval.interval:
+        from megatron_tts.train.evaluate import check_disjoint
+
+        valid_loader = build_loader(cfg, layout, cfg.data.valid_paths)
+        check_disjoint(valid_loader, loader)
     model, optimizer, num_params = build_model_and_optimizer(cfg)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState()
@@ -211,7 +219,8 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
     if metrics is not None:
         checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
     return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
-               num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock)
+               num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock,
+               valid_loader=valid_loader)
 
 
 def _init_from(cfg: Config, layout: Layout, model: list, optimizer, resumed: bool) -> None:

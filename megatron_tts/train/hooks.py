@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_tts import faults, watchdog
@@ -46,6 +46,7 @@ class StepEnd:
     data_time: float
     logged: bool  # a metrics record is written for this step
     last: bool  # the last step of this invocation
+    extra: dict = field(default_factory=dict)  # fields hooks add to this step's metrics record
 
 
 class Hook:
@@ -168,8 +169,8 @@ class MetricsRecord(Hook):
 
     def on_step_end(self, run, end: StepEnd) -> None:
         fields = run.monitor.step_end(end.step, int(end.result.stats.tokens), end.step_time, end.logged)
-        if run.metrics is not None and end.logged:
-            run.metrics.log({**step_record(run, end), **fields})
+        if run.metrics is not None and (end.logged or end.extra):
+            run.metrics.log({**step_record(run, end), **fields, **end.extra})
 
 
 class CheckpointCadence(Hook):
@@ -269,6 +270,10 @@ def default_hooks(run, saved_step: Optional[int]) -> Hooks:
     if faults.enabled():
         hooks.append(FaultInjection(run.layout.rank))
     hooks.append(GuardBookkeeping())
+    if run.valid_loader is not None:
+        from megatron_tts.train.evaluate import Evaluation
+
+        hooks.append(Evaluation(run, run.valid_loader))  # before the metrics record it adds to
     lay = run.layout
     if run.cfg.logging.ledger and lay.tp_rank == 0 and lay.pp_rank == 0:
         hooks.append(Ledger(os.path.join(run.cfg.train.run_dir, "ledger", f"rank_{lay.rank:05d}.jsonl"),

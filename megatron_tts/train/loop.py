@@ -52,6 +52,8 @@ def run_training(cfg: Config) -> int:
         record_exit(cfg.train.run_dir, run.layout.rank, code, step=run.state.step, signal=signals.signal_name())
         run.checkpointer.close()  # local: abandons an uncommitted async writer on an error path
         run.loader.close()
+        if run.valid_loader is not None:
+            run.valid_loader.close()
         if run.hooks is not None:
             run.hooks.close(run)
         run.monitor.close()  # before the metrics it writes to: closes a profile window, stops its threads

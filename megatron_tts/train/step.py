@@ -66,8 +66,9 @@ class StepStats:
         values = report.tolist()
         for k, v in zip(_REPORT, values):
             setattr(self, k, getattr(self, k) + v)
-        self.source_sums = values[len(_REPORT):len(_REPORT) + n_sources]
-        self.source_counts = values[len(_REPORT) + n_sources:]
+        sums, counts = values[len(_REPORT):len(_REPORT) + n_sources], values[len(_REPORT) + n_sources:]
+        self.source_sums = [a + b for a, b in zip(self.source_sums, sums)] if self.source_sums else sums
+        self.source_counts = [a + b for a, b in zip(self.source_counts, counts)] if self.source_counts else counts
 
     @property
     def loss(self) -> float:

@@ -398,6 +398,28 @@
     }
   }
 
+  function samples(app, D) {  // audio samples of checkpoints, newest first (RUN_DIR/samples)
+    var A = D.samples || {steps: [], failures: []};
+    if (!A.steps.length && !A.failures.length) return;
+    app.appendChild(el('h2', null, 'Audio samples'));
+    var box = app.appendChild(el('div', {id: 'samples'}));
+    if (A.failures.length) {
+      box.appendChild(el('div', {'class': 'warn', id: 'sample-failures'}, A.failures.length + ' sampling failure(s), ' +
+        'the last at step ' + A.failures[A.failures.length - 1].step + ': ' + A.failures[A.failures.length - 1].why));
+    }
+    A.steps.forEach(function (st) {
+      var sec = box.appendChild(el('div', {'class': 'sample-step', 'data-step': String(st.step)}));
+      sec.appendChild(el('h3', null, 'step ' + st.step + (st.seconds ? ' (sampled in ' + fmt(st.seconds, 3) + ' s)' : '')));
+      st.prompts.forEach(function (pr) {
+        var row = sec.appendChild(el('div', {'class': 'sample'}));
+        row.appendChild(el('div', {'class': 'sample-text'}, '"' + pr.text + '" - ' + fmt(pr.seconds, 3) + ' s, ' +
+          pr.frames + ' frames, ' + pr.stop));
+        if (pr.wav) row.appendChild(el('audio', {controls: '', preload: 'metadata', src: pr.wav}));
+        if (pr.png) row.appendChild(el('img', {'class': 'spectrogram', src: pr.png, alt: 'spectrogram'}));
+      });
+    });
+  }
+
   function footer(app, D) {
     if (D.exits && D.exits.length) {
       app.appendChild(el('h2', null, 'Exit records (RUN_DIR/exit)'));
@@ -443,7 +465,8 @@
     var missing = function (field) { return 'no ' + field + ' in the step records (an older run, or not measured)'; };
 
     var g = section('Loss');
-    var lp = plot(g, 'loss', 'Loss (total, text, speech) with events', stepSeries(D, ['loss', 'loss_text', 'loss_speech']),
+    var lp = plot(g, 'loss', 'Loss (total, text, speech; validation) with events',
+                  stepSeries(D, ['loss', 'loss_text', 'loss_speech', 'val_loss']),
                   {wide: true, robust: true, markers: marks, why: 'no step records yet'});
     if (marks.length) lp.note.textContent += (lp.note.textContent ? '; ' : '') + 'markers: ' + Object.keys(D.event_counts)
       .filter(function (k) { return k !== 'gpu' && k !== 'rank_step_times'; })
@@ -523,6 +546,7 @@
         return [e.step === null ? '' : String(e.step), fmtTime(e.time), kindTag(e.kind), e.msg];
       }));
     });
+    samples(app, D);
     footer(app, D);
     document.body.setAttribute('data-step', D.summary.step === null ? '' : String(D.summary.step));
     document.body.setAttribute('data-rendered', String(Number(document.body.getAttribute('data-rendered') || 0) + 1));

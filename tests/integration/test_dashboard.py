@@ -19,6 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import psutil
 import pytest
 
@@ -395,3 +396,69 @@ def test_serve_live_updates_and_exits_0_on_ctrl_c(browser, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------- validation loss, audio samples
+
+
+@pytest.fixture(scope="module")
+def heard_run(tmp_path_factory):
+    """A CPU run with held-out validation data and audio samples every 2 steps."""
+    from data_pipeline.shards import DatasetIndex, Sample, read_shard, write_dataset
+
+    root = tmp_path_factory.mktemp("heard")
+    demo = os.path.join(REPO, "data", "demo")
+    ds = DatasetIndex.load(demo)
+    samples = [s for u in ds.shard_urls() for s in read_shard(u)]
+    strip = lambda s: Sample(s.key, s.codes, s.text, {k: v for k, v in s.meta.items()  # noqa: E731
+                                                     if k not in ("codec", "n_frames", "duration_s")})
+    write_dataset(str(root / "train"), [strip(s) for s in samples[40:]], ds.codec, 120, "train")
+    write_dataset(str(root / "valid"), [strip(s) for s in samples[:40]], ds.codec, 40, "valid")
+    shutil.copy(os.path.join(demo, "codebook.npy"), root / "train")  # the demo codec decodes the samples
+    shutil.copy(os.path.join(demo, "codebook.json"), root / "train")
+    run_dir = str(root / "run")
+    overrides = SMALL + ["train.steps=4", "checkpoint.interval=2", "eval.interval=2", "eval.batches=2",
+                         "samples.interval=2", "samples.max_tokens=60", "logging.ledger=true",
+                         f"data.paths=[{root / 'train'}]", f"data.valid_paths=[{root / 'valid'}]"]
+    r = finish(start_pretrain(run_dir, overrides, torchrun=False), run_dir)
+    assert r.returncode == 0, r.output[-3000:]
+    r.valid_keys = {s.key for s in samples[:40]}
+    return r
+
+
+def test_validation_never_sees_a_training_sample(heard_run):
+    recs = [r for r in heard_run.metrics() if "val_loss" in r]
+    assert [r["step"] for r in recs] == [2, 4] and all(np.isfinite(r["val_loss"]) for r in recs)
+    assert recs[-1]["val_loss_by_source"]["valid"] == pytest.approx(recs[-1]["val_loss"], rel=1e-6)  # one source
+    trained = {k.split(":", 1)[1] for line in open(os.path.join(heard_run.run_dir, "ledger", "rank_00000.jsonl"))
+               for row in json.loads(line)["rows"] for k in row["keys"]}
+    assert trained and not trained & heard_run.valid_keys
+
+
+def test_audio_samples_appear_during_the_run_and_on_the_dashboard(heard_run, browser, tmp_path):
+    step_dir = os.path.join(heard_run.run_dir, "samples", "step_00000002")
+    summary = json.load(open(os.path.join(step_dir, "samples.json")))
+    assert summary["checkpoint"].endswith("step_00000002") and summary["prompts"][0]["frames"] > 0
+    for ext in ("wav", "png", "json"):
+        assert os.path.getsize(os.path.join(step_dir, f"0.{ext}")) > 0
+    out, _ = build(heard_run.run_dir, str(tmp_path / "heard.html"))
+    page = browser.open(f"file://{out}")
+    assert_clean(page, browser)
+    media = json.loads(browser.evaluate("""JSON.stringify({
+      steps: Array.from(document.querySelectorAll('#samples .sample-step')).map(function (e) {
+        return e.getAttribute('data-step'); }),
+      audio: Array.from(document.querySelectorAll('#samples audio')).map(function (a) {
+        return {src: a.src.slice(0, 22), ready: a.readyState, duration: a.duration}; }),
+      images: Array.from(document.querySelectorAll('#samples img.spectrogram')).map(function (i) {
+        return {loaded: i.complete, width: i.naturalWidth, height: i.naturalHeight}; })})"""))
+    assert "2" in media["steps"], media
+    deadline = time.monotonic() + 20
+    while not all(a["duration"] and a["duration"] > 0 for a in media["audio"]) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the browser decodes the wav header asynchronously
+        media["audio"] = json.loads(browser.evaluate(
+            "JSON.stringify(Array.from(document.querySelectorAll('#samples audio')).map(function (a) {"
+            "return {src: a.src.slice(0, 22), ready: a.readyState, duration: a.duration}; }))"))
+    assert media["audio"] and all(a["src"] == "data:audio/wav;base64," and a["duration"] > 0.1
+                                  for a in media["audio"]), media
+    assert media["images"] and all(i["loaded"] and i["width"] > 10 and i["height"] > 10 for i in media["images"])
+    assert page["panels"]["loss"]["drawn"] == 4 + 4 + 2  # loss and speech loss at steps 1-4, val_loss at 2 and 4

@@ -2,9 +2,15 @@
 
     python -m data_pipeline inspect PATH [--json] [--verify] [--max-shards N]
     python -m data_pipeline index SHARD... [--dataset DIR] [--name NAME] [--codec-json JSON]
+                                  [--text-tokenizer byte|hf --tokenizer-path PATH]
+    python -m data_pipeline index --dataset DIR --compact-only [--text-tokenizer hf --tokenizer-path PATH]
     python -m data_pipeline write MANIFEST.jsonl --out DIR (--codec-json JSON | --codec-from DATASET)
                                   [--name NAME] [--samples-per-shard N]
     python -m data_pipeline build-demo ...        (data_pipeline.demo.main)
+
+``index --dataset`` writes DIR/index.json and DIR/index.cidx, the compact index the loader reads
+(``--compact-only``: only index.cidx, from the existing index.json and sidecars, no tar scanned);
+``--text-tokenizer`` adds that tokenizer's token counts to it (the byte tokenizer's are always there).
 
 ``write`` turns codes already computed elsewhere into a dataset: one JSON line per sample,
 ``{"key": "corpus/spk/utt", "codes": "utt.npy" or [[...]], "text": "...", "meta": {...}}``
@@ -19,6 +25,7 @@ or unreadable input (one-line error on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -29,6 +36,7 @@ from typing import Any
 
 from storage import fs
 from storage.fs import FsError
+from .compact_index import CompactIndexWriter, write_for_dataset
 from .shards import (
     INDEX_FILENAME,
     SIDECAR_SUFFIX,
@@ -183,6 +191,28 @@ def _verify_dataset(ds: DatasetIndex) -> list[dict[str, Any]]:
     return rows
 
 
+def _compact_status(ds: DatasetIndex) -> dict[str, Any]:
+    """Whether the loader will read DIR/index.cidx: absent, corrupt, stale (index.json changed
+    since) or ok, with what it holds."""
+    from .compact_index import FILENAME, CompactIndex, CompactIndexError
+
+    url = fs.join(ds.base_url, FILENAME)
+    if not fs.exists(url):
+        return {"url": url, "status": "absent"}
+    try:
+        ix = CompactIndex.open(ds.base_url)
+    except (CompactIndexError, FsError) as e:
+        return {"url": url, "status": "corrupt", "problem": str(e)}
+    raw = fs.read_bytes(fs.join(ds.base_url, INDEX_FILENAME))
+    ok = ix.index_json is None or (ix.index_json.get("size") == len(raw)
+                                   and ix.index_json.get("sha256") == hashlib.sha256(raw).hexdigest())
+    ok = ok and ix.shard_sizes.tolist() == [s.n_samples for s in ds.shards]
+    out = {"url": url, "status": "ok" if ok else "stale", "bytes": fs.size(url), "n_samples": ix.n_samples,
+           "tokenizers": sorted(ix.tokens)}
+    ix.close()
+    return out
+
+
 def inspect_dataset(url: str, verify: bool) -> dict[str, Any]:
     ds = DatasetIndex.load(url)
     out: dict[str, Any] = {
@@ -191,6 +221,7 @@ def inspect_dataset(url: str, verify: bool) -> dict[str, Any]:
         "name": ds.name,
         "codec": ds.codec,
         "totals": ds.totals(),
+        "compact_index": _compact_status(ds),
         "shards": [vars(s).copy() for s in ds.shards],
     }
     if verify:
@@ -207,6 +238,10 @@ def _print_dataset(r: dict[str, Any], max_shards: int) -> None:
         f"{t['seconds']:.2f} s ({t['hours']:.4f} h), {t['text_chars']} text chars, "
         f"{_human_bytes(t['size_bytes'])}"
     )
+    c = r["compact_index"]
+    held = f" ({_human_bytes(c['bytes'])}; token counts of {', '.join(c['tokenizers'])})" if "bytes" in c else ""
+    fix = "" if c["status"] == "ok" else f"; rebuild: python -m data_pipeline index --dataset {r['path']} --compact-only"
+    print(f"compact:    {c['status']}{held}{fix}")
     shards: list[dict[str, Any]] = r["shards"]
     status = {v["path"]: v for v in r.get("verify", [])}
     width = max(len(s["path"]) for s in shards)
@@ -257,6 +292,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         report = inspect_dataset(url, args.verify)
         failed = any(v["status"] != "ok" for v in report.get("verify", []))
+        failed |= args.verify and report["compact_index"]["status"] in ("corrupt", "stale")
     if args.json:
         print(json.dumps(report, indent=1, ensure_ascii=False))
     elif kind == "shard":
@@ -280,7 +316,33 @@ def _relative_to(url: str, base: str) -> str:
     return rel.replace(os.sep, "/")
 
 
+def _index_tokenizers(args: argparse.Namespace) -> list:
+    if not args.text_tokenizer:
+        if args.tokenizer_path:
+            raise CliError("index: --tokenizer-path needs --text-tokenizer hf")
+        return []
+    from .tokenizer import build_tokenizer  # lazy: the hf tokenizer pulls in `tokenizers`
+
+    return [build_tokenizer(args.text_tokenizer, args.tokenizer_path)]
+
+
+def _compact_only(args: argparse.Namespace, tokenizers: list) -> int:
+    if not args.dataset or args.shards:
+        raise CliError("index --compact-only: give --dataset DIR and no SHARD paths (it reads the sidecars there)")
+    ds = DatasetIndex.load(args.dataset)
+    raw = fs.read_bytes(fs.join(ds.base_url, INDEX_FILENAME))
+    sides = ((s.path, load_shard_index(u)) for s, u in zip(ds.shards, ds.shard_urls()))
+    url = write_for_dataset(ds.base_url, ds.name, ds.codec, sides, raw, tokenizers)
+    print(f"{url}: {len(ds.shards)} shards, {ds.n_samples} samples, {_human_bytes(fs.size(url))}")
+    return EXIT_OK
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    tokenizers = _index_tokenizers(args)
+    if args.compact_only:
+        return _compact_only(args, tokenizers)
+    if tokenizers and not args.dataset:
+        raise CliError("index: --text-tokenizer goes with --dataset (the token counts live in DIR/index.cidx)")
     shards: list[str] = list(args.shards)
     if not shards:
         if not args.dataset:
@@ -309,6 +371,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         name = args.name or fs.basename(args.dataset.rstrip("/")) or "dataset"
         ds = DatasetIndex(name=name, codec=built[0][1].codec, shards=summaries)
         print(f"{ds.save(args.dataset)}: {len(summaries)} shards, {ds.n_samples} samples, {ds.seconds / 3600:.4f} h")
+        compact = CompactIndexWriter(tokenizers)
+        try:
+            for summary, (_, idx) in zip(summaries, built):
+                compact.add_shard(summary.path, idx, n_q=ds.codec.get("n_q"))
+        except BaseException:
+            compact.close()
+            raise
+        url = compact.save(args.dataset, ds.name, ds.codec, ds.to_json().encode("utf-8"))
+        print(f"{url}: the compact index ({_human_bytes(fs.size(url))})")
     return EXIT_OK
 
 
@@ -361,11 +432,17 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.add_argument("--verify", action="store_true", help="dataset: check size and sha256 of every shard")
     pi.add_argument("--max-shards", type=int, default=20, help="dataset: rows shown in the shard table")
-    px = sub.add_parser("index", help="(re)build sidecars for shard tars, optionally index.json")
+    px = sub.add_parser("index", help="(re)build sidecars for shard tars, optionally index.json + index.cidx")
     px.add_argument("shards", nargs="*", help="shard tars (default with --dataset: all *.tar in DIR)")
     px.add_argument("--dataset", metavar="DIR", help="also write DIR/index.json over these shards")
     px.add_argument("--name", help="dataset name (default: basename of DIR)")
     px.add_argument("--codec-json", help="codec dict as JSON, for tars whose metadata lacks one")
+    px.add_argument("--compact-only", action="store_true",
+                    help="only (re)write DIR/index.cidx from the existing index.json and sidecars (no tar is read)")
+    px.add_argument("--text-tokenizer", choices=["byte", "hf"],
+                    help="also store this text tokenizer's token counts in index.cidx (the loader then plans "
+                         "without tokenizing; byte counts are always stored)")
+    px.add_argument("--tokenizer-path", help="--text-tokenizer hf: the local tokenizer.json")
     pw = sub.add_parser("write", help="write a dataset from a JSONL manifest of codes and transcripts")
     pw.add_argument("manifest", help="JSONL: key, codes (.npy path or nested list [n_q][T]), text, meta")
     pw.add_argument("--out", required=True, metavar="DIR", help="the new dataset directory (local or s3://)")

@@ -76,24 +76,25 @@ def build_attention_mask(document_ids: torch.Tensor | np.ndarray) -> torch.Tenso
         raise ValueError(f"document_ids must be [B, S], got shape {tuple(doc.shape)}")
     b, s = doc.shape
     out = np.empty((b, 1, s, s), dtype=bool)
-    out[:] = _upper_triangle(s)
+    out.fill(True)  # a memset; then each document's causal block is cleared (a few % of the area)
+    tri = _upper_triangle(s)
     for r in range(b):
         row, m = doc[r], out[r, 0]
         valid = row >= 0
-        starts = np.flatnonzero(valid & np.concatenate([[True], row[1:] != row[:-1]]))
+        change = np.flatnonzero(row[1:] != row[:-1]) + 1
+        starts, ends = np.concatenate([[0], change]), np.concatenate([change, [s]])
+        docs = row[starts] >= 0
+        starts, ends = starts[docs], ends[docs]
         if len(starts) == len(np.unique(row[valid])):
-            # each document is one contiguous run (always so for packed rows): mask what lies before it
-            ends = np.append(starts[1:], s)
+            # each document is one contiguous run (always so for packed rows): its causal block
             for a, e in zip(starts.tolist(), ends.tolist()):
-                if a:
-                    m[a:e, :a] = True
+                m[a:e, a:e] = tri[: e - a, : e - a]
         else:
             pos = np.arange(s)
             m[:] = ~((row[:, None] == row[None, :]) & (pos[None, :] <= pos[:, None]))
+            m[~valid, :] = True
         pad = np.flatnonzero(~valid)
-        if len(pad):
-            m[pad, :] = True
-            m[pad, pad] = False
+        m[pad, pad] = False  # a padding token attends to itself
     return torch.from_numpy(out)
 
 

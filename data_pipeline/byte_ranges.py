@@ -7,9 +7,9 @@ import errno
 import logging
 import time
 
-from storage import fs
+import numpy as np
 
-from . import shards
+from storage import fs
 
 logger = logging.getLogger("data_pipeline.loader")
 
@@ -17,17 +17,19 @@ _MAX_COALESCED_READ = 64 << 20
 _READ_RETRIES = 3
 
 
-def coalesce(order: list[int], entries: list[shards.SampleEntry]) -> list[list[int]]:
-    """Group samples (sorted by offset) whose byte ranges touch into runs read with one request."""
+def coalesce(order: list[int], offsets: np.ndarray, nbytes: np.ndarray) -> list[list[int]]:
+    """Group samples (``order``: their rows, sorted by offset) whose byte ranges touch into runs
+    read with one request (at most 64 MiB each)."""
     runs: list[list[int]] = []
+    run_start = run_end = 0
     for k in order:
-        e = entries[k]
-        if runs:
-            last, first = entries[runs[-1][-1]], entries[runs[-1][0]]
-            if last.offset + last.length == e.offset and e.offset + e.length - first.offset <= _MAX_COALESCED_READ:
-                runs[-1].append(k)
-                continue
+        off, end = int(offsets[k]), int(offsets[k]) + int(nbytes[k])
+        if runs and run_end == off and end - run_start <= _MAX_COALESCED_READ:
+            runs[-1].append(k)
+            run_end = end
+            continue
         runs.append([k])
+        run_start, run_end = off, end
     return runs
 
 def fetch_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:

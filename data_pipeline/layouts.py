@@ -242,6 +242,11 @@ class Layout(ABC):
         Raises :class:`LayoutError` for the same ``n_q`` that ``encode`` rejects.
         """
 
+    def lengths(self, n_text_tokens: np.ndarray, n_frames: np.ndarray, n_q: int) -> np.ndarray:
+        """:meth:`length` of many samples of one codec (int64 array); LayoutError for ``n_q``."""
+        return np.fromiter((self.length(int(t), int(f), n_q) for t, f in zip(n_text_tokens, n_frames)),
+                           np.int64, len(n_frames))
+
     @abstractmethod
     def encode(self, text_ids: Sequence[int] | np.ndarray, codes: np.ndarray) -> Encoded:
         """Build the sequence; :class:`LayoutError` for bad codes, text ids or ``n_q``."""
@@ -285,6 +290,10 @@ class _FramedLayout(Layout):
         n_q = _check_count("n_q", n_q)
         self._check_n_q(n_q)
         return 4 + n_text + n_q * n_frames + (self.framing.extra if self.framing is not None else 0)
+
+    def lengths(self, n_text_tokens: np.ndarray, n_frames: np.ndarray, n_q: int) -> np.ndarray:
+        self._check_n_q(_check_count("n_q", n_q))  # (vectorised: the packing plan's hot path)
+        return 4 + np.asarray(n_text_tokens, np.int64) + n_q * np.asarray(n_frames, np.int64)
 
     def _validate_text(self, text_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         text = np.asarray(text_ids)

@@ -1,77 +1,61 @@
 """Packed, resumable, DP-elastic loader over WebDataset token shards.
 
-The global pack sequence is a pure function of (dataset, seed, seq_len, layout,
-tokenizer, pack_window) — see :mod:`data_pipeline.packing`. The trainer consumes
-``global_batch_size`` packs per optimizer step; for the step starting at global
-pack cursor ``c``, DP rank ``r`` takes packs ``c + r * per_rank + j``. The state
-is a position in that sequence, so it survives DP-size changes: the epoch goes on
-with no sample lost or repeated.
+The global pack sequence is a pure function of (datasets, seed, seq_len, layout, tokenizer,
+pack_window, weights, sample order) -- see :mod:`data_pipeline.mixing`. The trainer consumes
+``global_batch_size`` packs per optimizer step; for the step starting at global pack cursor ``c``,
+DP rank ``r`` takes packs ``c + r * per_rank + j``. Its micro-batch ``m`` of step ``t`` is read by
+worker thread ``(t * micro_batches + m) % num_workers``. The state is a position in that
+sequence (each stream's epoch and place, the pack offset in the window), so it survives DP-size
+and worker-count changes: the epoch goes on with no sample lost or repeated.
 
-Planning reads only the sidecar indexes (text, n_frames, byte ranges); tars are
-opened only to materialise this rank's packs, one byte range per sample (ranges
-adjacent in the tar are coalesced into one read).
+Planning reads the compact indexes' columns of the shards the plan reaches (never a tar);
+materialising reads this rank's samples by byte range (ranges adjacent in a tar coalesced).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from storage import fs
-
 from . import shards
 from .batch import Batch, PackRow, _collate, build_attention_mask, build_pack_row  # noqa: F401
-from .byte_ranges import coalesce, fetch_spans
-from .layouts import Encoded, Layout, LayoutError
-from .packing import NoPacks, GlobalOrder, Pack, PackPlanner, PackStream, Position, WindowPlan
-from .sources import DataConfigError, load_sources
+from .layouts import Layout, LayoutError
+from .loader_state import STATE_VERSION, StateMixin
+from .mixing import Carry, NoPacks, Pack, PackStream, Planner, Position, WindowPlan
+from .pack_reader import Counters, MicroBatch, PackReader
+from .packing import PACKER_HYBRID
+from .samples import SampleInfo
+from .sources import DataConfigError, SourceSpec, load_sources
 from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "DataConfigError", "PackRow", "PackedLoader", "build_attention_mask", "build_pack_row"]
+__all__ = ["Batch", "DataConfigError", "PackRow", "PackedLoader", "SourceSpec", "STATE_VERSION", "assignment",
+           "build_attention_mask", "build_pack_row"]
 
-STATE_VERSION = 1
-_MAX_COALESCED_READ = 64 << 20
-_READ_RETRIES = 3
-_INDEX_THREADS = 16
 _STARVED_WARN_S = 60.0
 _TOO_LONG_WARNINGS = 5  # samples longer than seq_len logged one by one
 
 
 @dataclass
-class _Counters:
-    skipped_too_long: int = 0
-    skipped_bad_sample: int = 0
-    skipped_bad_shard: int = 0
-
-    def add(self, other: "_Counters") -> None:
-        self.skipped_too_long += other.skipped_too_long
-        self.skipped_bad_sample += other.skipped_bad_sample
-        self.skipped_bad_shard += other.skipped_bad_shard
-
-
-@dataclass
 class _Step:
-    """One produced optimizer step for this rank, plus what consuming it changes."""
+    """One planned optimizer step of this rank: its micro-batches being read, and what consuming
+    it changes."""
 
-    batches: list[Batch]
+    jobs: list[Future]
     end: Position
     end_cursor: int
     global_docs: int
     global_tokens: int
-    rank_tokens: int
-    rank_packs: int
-    counters: _Counters
-    bad_shards: list[str]
+    by_source: np.ndarray  # [n_sources, 3]: tokens, docs, audio seconds of the global step
+    counters: Counters
 
 
 @dataclass
@@ -85,14 +69,35 @@ class _Gen:
 
     stream: PackStream
     cursor: int
-    pending: _Counters = field(default_factory=_Counters)
+    pending: Counters = field(default_factory=Counters)
 
 
-class PackedLoader:
+def assignment(pack_id: int, step_cursor: int, global_batch_size: int, dp_size: int, micro_batch_size: int,
+               num_workers: int) -> tuple[int, int]:
+    """(DP rank, worker thread) that reads global pack ``pack_id`` of the step starting at pack
+    ``step_cursor``: the one partition of every step over ranks x workers."""
+    per_rank = global_batch_size // dp_size
+    i = pack_id - step_cursor
+    if not 0 <= i < global_batch_size:
+        raise ValueError(f"pack {pack_id} is not in the step starting at {step_cursor}")
+    rank, j = divmod(i, per_rank)
+    step_no = step_cursor // global_batch_size
+    return rank, (step_no * (per_rank // micro_batch_size) + j // micro_batch_size) % num_workers
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class PackedLoader(StateMixin):
     """Packed sequences for one DP rank; see the module docstring for the contract.
 
     Args:
-        paths: dataset directories or index.json URLs (local or s3://).
+        paths: dataset directories or index.json URLs (local or s3://): one unweighted stream.
+        sources: instead of ``paths``, weighted sources (``SourceSpec`` or dicts with paths,
+            weight, name): blended by weight, each with its own epochs.
         layout: token layout (single-stream).
         tokenizer: text tokenizer.
         seq_len: packed row length.
@@ -104,12 +109,17 @@ class PackedLoader:
         num_workers: reader threads per rank.
         prefetch: steps produced ahead by a background thread (0 = synchronous).
         pad_id: token id used for padding (never a target).
+        sample_order: 'shuffle' (packs of a window in a seeded order) or 'duration' (shortest
+            utterances first within each window: a curriculum).
+        fast_read: decode samples in place (False: the generic tar parser for every sample, as a
+            cross-check and for benchmarks).
     """
 
     def __init__(
         self,
-        paths: Sequence[str] | str,
+        paths: Sequence[str] | str | None = None,
         *,
+        sources: Optional[Sequence[SourceSpec | dict]] = None,
         layout: Layout,
         tokenizer: TextTokenizer,
         seq_len: int,
@@ -122,10 +132,14 @@ class PackedLoader:
         num_workers: int = 2,
         prefetch: int = 2,
         pad_id: int = 0,
+        sample_order: str = "shuffle",
+        fast_read: bool = True,
     ) -> None:
         if isinstance(paths, str):
             paths = [paths]
-        if not paths:
+        if paths is not None and sources is not None:
+            raise DataConfigError("give exactly one of paths (unweighted) or sources (weighted)")
+        if paths is None and sources is None or (paths is not None and not paths):
             raise DataConfigError("PackedLoader needs at least one dataset path")
         for name, v in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("global_batch_size", global_batch_size), ("pack_window", pack_window),
@@ -144,7 +158,8 @@ class PackedLoader:
                 f"tokenizer {tokenizer.name!r} has vocab_size {tokenizer.vocab_size} but the layout's text vocab "
                 f"is {layout.vocab.text_vocab_size}: text ids would fall into the special/speech id ranges"
             )
-        self.paths = list(paths)
+        specs = None if sources is None else [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in sources]
+        self.paths = list(paths) if paths is not None else [p for s in specs for p in s.paths]
         self.layout = layout
         self.tokenizer = tokenizer
         self.seq_len = int(seq_len)
@@ -155,42 +170,46 @@ class PackedLoader:
         self.num_workers = int(num_workers)
         self.prefetch = int(prefetch)
         self.pad_id = int(pad_id)
+        self.sample_order = sample_order
         self._check_dp(dp_rank, dp_size)
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
 
-        src = load_sources(self.paths, self._check_codec)
-        self.sources = src.names  # one name per entry of paths: its dataset name (index.json)
-        self._shard_urls, self._indexes = src.shard_urls, src.indexes
-        self._shard_source, self._frame_rates = src.shard_source, src.frame_rates
-        self._codec = shards.codec_identity(src.codecs[0])
-        self._shard_names = [fs.basename(u) for u in self._shard_urls]
-        self._dataset_fingerprint = self._fingerprint()
-        sizes = [len(ix.samples) for ix in self._indexes]
-        if sum(sizes) == 0:
-            raise DataConfigError(f"dataset(s) {', '.join(self.paths)} contain no samples")
-        self._lengths = [np.zeros(n, dtype=np.int32) for n in sizes]  # 0 = not computed yet
-        self._planner = PackPlanner(GlobalOrder(sizes, self.seed), self._length_fn, self.seq_len, self.pack_window)
+        self._src = load_sources(None if paths is None else self.paths, specs, self.seed, self._check_codec,
+                                 tokenizer)
+        self.sources = self._src.names  # metric sources: Batch.source indexes into this list
+        try:
+            self._codec = shards.codec_identity(self._src.codec)
+            self._dataset_fingerprint = self._src.fingerprint()
+            if self._src.n_samples == 0:
+                raise DataConfigError(f"dataset(s) {', '.join(self.paths)} contain no samples")
+            self._info = SampleInfo(self._src, layout, tokenizer)
+            self._reader = PackReader(self._src, self._info, layout, tokenizer, self.seq_len, self.pad_id, fast_read)
+            self._packer = PACKER_HYBRID  # a resumed state may say otherwise (loader_state)
+            self._planner = self._make_planner()
+        except BaseException:
+            self._src.close()  # (the compact indexes' file descriptors)
+            raise
 
-        # Consumed state: only next_step() advances it.
-        self._position = Position()
+        # Consumed state: only next_step() (and load_state_dict) advance it.
+        self._position = Position(self._planner.start())
+        self._carry: Optional[Carry] = None
         self._cursor = 0
         self._consumed_docs = 0
         self._consumed_tokens = 0
+        self._by_source = np.zeros((len(self.sources), 3))
 
-        self._counters = _Counters()
+        self._counters = Counters()
         self._bad_shards: set[str] = set()
         self._last_eff = 0.0
         self._last_rank_eff = 0.0
         self._rank_tokens = 0
         self._rank_packs = 0
-
-        self._log_lock = threading.Lock()
-        self._warned: set[tuple[str, str]] = set()
-        self._warned_shards: set[str] = set()
         self._plan_logged = False
         self._too_long_seen = 0
 
-        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="loader-worker") if self.num_workers > 1 else None
+        # one single-thread executor per worker: micro-batch m goes to a known worker
+        self._workers = [ThreadPoolExecutor(1, thread_name_prefix=f"loader-worker{w}")
+                         for w in range(self.num_workers)] if self.num_workers > 1 else []
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -198,12 +217,17 @@ class PackedLoader:
         self._failure: BaseException | None = None
         self._closed = False
         logger.info(
-            "PackedLoader: %d shards, %d samples from %s; seq_len=%d gbs=%d mbs=%d dp=%d/%d",
-            len(self._shard_urls), sum(sizes), ", ".join(self.paths), self.seq_len, self.global_batch_size,
-            self.micro_batch_size, self.dp_rank, self.dp_size,
+            "PackedLoader: %d shards, %d samples from %s (%s); seq_len=%d gbs=%d mbs=%d dp=%d/%d; index reads %d bytes",
+            self._src.n_shards, self._src.n_samples, ", ".join(self.paths),
+            ", ".join(f"{s.name} x{s.weight:g}" for s in self._src.streams), self.seq_len, self.global_batch_size,
+            self.micro_batch_size, self.dp_rank, self.dp_size, self._src.bytes_read,
         )
 
     # ------------------------------------------------------------------ setup
+
+    def _make_planner(self) -> Planner:
+        return Planner(self._src.streams, self._info.lengths, self._info.seconds, self.seq_len, self.pack_window,
+                       self.seed, packer=self._packer, sample_order=self.sample_order)
 
     def _check_dp(self, dp_rank: int, dp_size: int) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -215,11 +239,21 @@ class PackedLoader:
                 f"{self.micro_batch_size * dp_size} (or change micro_batch_size / the data-parallel size)"
             )
 
-    def sample_keys(self):
-        """Every sample key of the datasets (stable ids; e.g. to prove validation data disjoint)."""
-        for ix in self._indexes:
-            for s in ix.samples:
-                yield s.key
+    @property
+    def dataset_samples(self) -> int:
+        """Samples in every dataset (each counted once, whatever the mixing weights)."""
+        return self._src.n_samples
+
+    def shard_digests(self) -> set[str]:
+        """The sha256 of every shard of every dataset (O(shards), from the compact indexes)."""
+        return {h for d in self._src.datasets for h in d.index.shard_sha256()}
+
+    def sample_keys(self) -> Iterator[str]:
+        """Every sample key of the datasets (stable ids), from the shards' sidecars: O(samples),
+        so meant for datasets of a few million samples at most (e.g. validation data)."""
+        for d in self._src.datasets:
+            for s in range(d.index.n_shards):
+                yield from (e.key for e in shards.load_shard_index(d.index.shard_url(s)).samples)
 
     def codec_identity(self) -> dict:
         """The codec every dataset of this loader was tokenized with (identical across them)."""
@@ -240,41 +274,14 @@ class PackedLoader:
                 f"{self.layout.vocab.codebook_size}; set model.vocab.codebook_size={cb} or use data "
                 f"tokenized with a {self.layout.vocab.codebook_size}-entry codec")
 
-    def _fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for name, ix in zip(self._shard_names, self._indexes):
-            h.update(f"{name}\0{len(ix.samples)}\0{ix.sha256}\n".encode())
-        return h.hexdigest()[:16]
-
-    def _key(self, shard: int, index: int) -> str:
-        return f"{self._shard_names[shard]}:{self._indexes[shard].samples[index].key}"
-
     # --------------------------------------------------------------- planning
-
-    def _length_fn(self, shard_ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """Token length of each sample (-1: cannot be laid out); tokenises each text once."""
-        pairs = list(zip(shard_ids.tolist(), indices.tolist()))
-        missing = [(s, k) for s, k in pairs if self._lengths[s][k] == 0]
-        if missing:
-            texts = [self._indexes[s].samples[k].text for s, k in missing]
-            batch = getattr(self.tokenizer, "encode_batch", None)
-            ids = batch(texts) if batch is not None else [self.tokenizer.encode(t) for t in texts]
-            for (s, k), text_ids in zip(missing, ids):
-                entry = self._indexes[s].samples[k]
-                try:
-                    n = self.layout.length(len(text_ids), entry.n_frames, entry.n_q)
-                except LayoutError as e:
-                    self._warn_sample(s, k, f"cannot be laid out ({e}); skipped")
-                    n = -1
-                self._lengths[s][k] = n
-        return np.fromiter((self._lengths[s][k] for s, k in pairs), dtype=np.int64, count=len(pairs))
 
     def _on_window(self, gen: _Gen, plan: WindowPlan) -> None:
         for t in plan.too_long:
             gen.pending.skipped_too_long += 1
             self._too_long_seen += 1
             if self._too_long_seen <= _TOO_LONG_WARNINGS:  # then counted (skipped_too_long) and summarised
-                self._warn_sample(
+                self._reader.warn_sample(
                     t.shard, t.index,
                     f"is {t.length} tokens > seq_len={self.seq_len}; skipped (raise data.seq_len or split the utterance)"
                     + ("; further ones are counted in skipped_too_long, not logged one by one"
@@ -282,156 +289,83 @@ class PackedLoader:
                 )
         n_invalid = plan.n_samples - sum(p.n_docs for p in plan.packs) - len(plan.too_long)
         gen.pending.skipped_bad_sample += n_invalid
-        if not self._plan_logged:
-            self._plan_logged = True
-            logger.info(
-                "packing plan: epoch %d window %d: %d samples -> %d packs of %d tokens, efficiency %.4f",
-                plan.epoch, plan.window, plan.n_samples, len(plan.packs), self.seq_len, plan.efficiency(self.seq_len),
-            )
-        elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "planned epoch %d window %d: %d samples -> %d packs, efficiency %.4f",
-                plan.epoch, plan.window, plan.n_samples, len(plan.packs), plan.efficiency(self.seq_len),
-            )
-
-    def _warn_sample(self, shard: int, index: int, what: str) -> None:
-        key = (self._shard_names[shard], self._indexes[shard].samples[index].key)
-        with self._log_lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
-        logger.warning("sample %s of shard %s %s", key[1], self._shard_urls[shard], what)
+        level = logging.INFO if not self._plan_logged else logging.DEBUG
+        self._plan_logged = True
+        if logger.isEnabledFor(level):
+            logger.log(level, "packing plan: epoch %d, window at %s: %d samples -> %d packs of %d tokens, efficiency %.4f",
+                       plan.epoch, ", ".join(f"{s.name} {st.epoch}:{st.pos}" for s, st in
+                                             zip(self._src.streams, plan.start)),
+                       plan.n_samples, len(plan.packs), self.seq_len, plan.efficiency(self.seq_len))
 
     def _new_gen(self) -> _Gen:
-        gen = _Gen(stream=PackStream(self._planner, self._position), cursor=self._cursor)
+        gen = _Gen(stream=PackStream(self._planner, self._position, carry=self._carry), cursor=self._cursor)
         gen.stream.on_window = functools.partial(self._on_window, gen)
         return gen
 
-    # ---------------------------------------------------------- materialising
-
-    def _read_docs(self, packs: list[Pack]) -> tuple[dict[tuple[int, int], Encoded | None], _Counters, set[str]]:
-        """Read, parse and encode every document of ``packs``; damaged ones map to None."""
-        counters = _Counters()
-        bad_shards: set[str] = set()
-        wanted: dict[int, set[int]] = {}
-        for p in packs:
-            for s, k in zip(p.shards, p.indices):
-                wanted.setdefault(s, set()).add(k)
-        out: dict[tuple[int, int], Encoded | None] = {}
-        for s in sorted(wanted):
-            entries = self._indexes[s].samples
-            runs = coalesce(sorted(wanted[s], key=lambda k: entries[k].offset), entries)
-            spans = [(entries[r[0]].offset, entries[r[-1]].offset + entries[r[-1]].length) for r in runs]
-            try:
-                blobs = fetch_spans(self._shard_urls[s], spans)
-            except (fs.FsError, shards.ShardError) as e:
-                n = sum(len(r) for r in runs)
-                out.update({(s, k): None for r in runs for k in r})
-                counters.skipped_bad_shard += n
-                bad_shards.add(self._shard_names[s])
-                self._warn_shard(s, e)
-                continue
-            for run, (start, _), blob in zip(runs, spans, blobs):
-                for k in run:
-                    lo = entries[k].offset - start
-                    out[(s, k)] = self._decode(s, k, blob[lo : lo + entries[k].length], counters)
-        return out, counters, bad_shards
-
-    def _decode(self, s: int, k: int, data: bytes, counters: _Counters) -> Encoded | None:
-        entry = self._indexes[s].samples[k]
-        url = self._shard_urls[s]
-        try:
-            sample = shards.parse_sample(data, entry, url)
-            enc = self.layout.encode(self.tokenizer.encode(entry.text), sample.codes)
-        except (shards.SampleError, shards.ShardError, LayoutError) as e:
-            counters.skipped_bad_sample += 1
-            self._warn_sample(s, k, f"is damaged ({e}); skipped")
-            return None
-        planned = int(self._lengths[s][k])
-        if len(enc) != planned:
-            counters.skipped_bad_sample += 1
-            self._warn_sample(s, k, f"encodes to {len(enc)} tokens but its index entry says {planned}; skipped (stale index)")
-            return None
-        return enc
-
-    def _warn_shard(self, s: int, e: BaseException) -> None:
-        name = self._shard_names[s]
-        with self._log_lock:
-            if name in self._warned_shards:
-                return
-            self._warned_shards.add(name)
-        logger.error("shard %s is unreadable (%s); its samples are skipped", self._shard_urls[s], e)
-
-    def _materialise(self, packs: list[Pack]) -> tuple[list[tuple[PackRow, list[str]]], _Counters, set[str]]:
-        docs, counters, bad = self._read_docs(packs)
-        rows = []
-        for p in packs:
-            encs: list[Encoded] = []
-            keys: list[str] = []
-            srcs: list[int] = []
-            seconds = 0.0
-            for s, k in zip(p.shards, p.indices):
-                enc = docs[(s, k)]
-                if enc is not None:
-                    encs.append(enc)
-                    keys.append(self._key(s, k))
-                    src = self._shard_source[s]
-                    srcs.append(src)
-                    entry, rate = self._indexes[s].samples[k], self._frame_rates[src]
-                    seconds += entry.n_frames / rate if rate else entry.duration_s
-            rows.append((build_pack_row(encs, self.seq_len, self.pad_id, srcs, seconds), keys))
-        return rows, counters, bad
-
-    def _build_step(self, gen: _Gen) -> _Step:
+    def _plan_step(self, gen: _Gen) -> tuple[list[Pack], list[int], list[int], dict]:
+        """The global step at ``gen``'s cursor: this rank's packs (with pack ids and epochs) and
+        the global step's totals."""
         per_rank = self.global_batch_size // self.dp_size
         lo, hi = self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
         mine: list[Pack] = []
+        ids: list[int] = []
         epochs: list[int] = []
-        global_docs = global_tokens = 0
+        all_shards: list[int] = []
+        all_lengths: list[int] = []
+        all_seconds: list[float] = []
         for i in range(self.global_batch_size):
-            epoch = gen.stream.position.epoch
             try:
-                pack, _ = gen.stream.next_pack()
+                pack, epoch, _ = gen.stream.next_pack()
             except NoPacks as e:
                 raise DataConfigError(f"{e} [datasets: {', '.join(self.paths)}]") from None
-            global_docs += pack.n_docs
-            global_tokens += pack.n_tokens
+            all_shards.extend(pack.shards)
+            all_lengths.extend(pack.lengths)
+            all_seconds.extend(pack.seconds)
             if lo <= i < hi:
                 mine.append(pack)
+                ids.append(gen.cursor + i)
                 epochs.append(epoch)
-        # pack j -> worker j % num_workers: each worker reads a disjoint subset
-        nw = self.num_workers
-        if self._pool is None:
-            parts = [self._materialise(mine)]
-            rows = parts[0][0]
-        else:
-            futures = [self._pool.submit(self._materialise, mine[w::nw]) for w in range(nw)]
-            parts = [f.result() for f in futures]
-            rows = [None] * len(mine)
-            for w, part in enumerate(parts):
-                rows[w::nw] = part[0]
-        counters = gen.pending
-        gen.pending = _Counters()
-        bad: set[str] = set()
-        for part in parts:
-            counters.add(part[1])
-            bad |= part[2]
-        first = gen.cursor + lo
-        batches = []
-        for m in range(0, per_rank, self.micro_batch_size):
-            chunk = rows[m : m + self.micro_batch_size]
-            batches.append(
-                _collate(
-                    [r for r, _ in chunk], [k for _, k in chunk],
-                    list(range(first + m, first + m + len(chunk))), epochs[m : m + len(chunk)],
-                )
-            )
+        src = self._src.shard_source[np.asarray(all_shards, np.int64)]
+        n = len(self.sources)
+        by_source = np.stack([np.bincount(src, weights=np.asarray(all_lengths, np.float64), minlength=n),
+                              np.bincount(src, minlength=n).astype(np.float64),
+                              np.bincount(src, weights=np.asarray(all_seconds, np.float64), minlength=n)], axis=1)
+        totals = {"docs": len(all_lengths), "tokens": int(sum(all_lengths)), "by_source": by_source}
+        return mine, ids, epochs, totals
+
+    # ---------------------------------------------------------- materialising
+
+    def _build_step(self, gen: _Gen) -> _Step:
+        step_no = gen.cursor // self.global_batch_size
+        mine, ids, epochs, totals = self._plan_step(gen)
+        mbs = self.micro_batch_size
+        n_micro = len(mine) // mbs
+        jobs = []
+        for m in range(n_micro):
+            args = (mine[m * mbs:(m + 1) * mbs], ids[m * mbs:(m + 1) * mbs], epochs[m * mbs:(m + 1) * mbs])
+            if self._workers:
+                worker = (step_no * n_micro + m) % self.num_workers  # = assignment(ids[m * mbs], ...)[1]
+                jobs.append(self._workers[worker].submit(self._reader.micro_batch, *args))
+            else:
+                jobs.append(_done(self._reader.micro_batch(*args)))
         gen.cursor += self.global_batch_size
-        return _Step(
-            batches=batches, end=gen.stream.position, end_cursor=gen.cursor, global_docs=global_docs,
-            global_tokens=global_tokens, rank_tokens=sum(r.n_tokens for r, _ in rows), rank_packs=len(rows),
-            counters=counters, bad_shards=sorted(bad),
-        )
+        counters = gen.pending
+        gen.pending = Counters()
+        return _Step(jobs=jobs, end=gen.stream.position, end_cursor=gen.cursor, global_docs=totals["docs"],
+                     global_tokens=totals["tokens"], by_source=totals["by_source"], counters=counters)
+
+    def read_plan(self, n_steps: int) -> list[list[tuple[str, int, int]]]:
+        """What this rank would read for its next ``n_steps`` steps, without reading or consuming
+        anything: per step, the (shard URL, start, end) byte ranges (a dry run of the plan)."""
+        gen = self._new_gen()
+        gen.stream.on_window = None
+        out = []
+        for _ in range(n_steps):
+            mine, _, _, _ = self._plan_step(gen)
+            gen.cursor += self.global_batch_size
+            out.append([(self._src.shard_url(s), a, b) for s, _, spans in self._reader.read_spans(mine)
+                        for a, b in spans])
+        return out
 
     # ---------------------------------------------------------------- prefetch
 
@@ -472,18 +406,37 @@ class PackedLoader:
 
     def _reset(self) -> None:
         """Drop every produced-but-unconsumed step; production restarts from the consumed position."""
+        dropped: list[Future] = []
         if self._thread is not None:
             assert self._stop is not None and self._queue is not None
             self._stop.set()
             while self._thread.is_alive():
                 try:
-                    self._queue.get(timeout=0.05)
+                    item = self._queue.get(timeout=0.05)
+                    if isinstance(item, _Step):
+                        dropped += item.jobs
                 except queue.Empty:
                     pass
             self._thread.join()
+        for f in dropped:
+            f.cancel()
         self._thread = self._queue = self._stop = None
         self._sync_gen = None
         self._failure = None
+
+    def _wait(self, jobs: list[Future]) -> list[MicroBatch]:
+        waited, warn_at = 0.0, _STARVED_WARN_S
+        while True:
+            _, pending = wait(jobs, timeout=1.0)
+            if not pending:
+                return [f.result() for f in jobs]
+            waited += 1.0
+            if waited >= warn_at:
+                # a hung read (object store, network file system) shows up here, not as a silent stall
+                logger.warning("data loader rank %d/%d: waited %.0f s for the step at pack %d (epoch %d); "
+                               "%d of its micro-batches are still being read", self.dp_rank, self.dp_size, waited,
+                               self._cursor, self._epoch, len(pending))
+                warn_at *= 2
 
     # -------------------------------------------------------------------- API
 
@@ -494,111 +447,78 @@ class PackedLoader:
         if self._failure is not None:
             raise self._failure
         self._start()
-        if self.prefetch == 0:
-            assert self._sync_gen is not None
-            try:
+        try:
+            if self.prefetch == 0:
+                assert self._sync_gen is not None
                 step = self._build_step(self._sync_gen)
-            except BaseException as e:
-                self._failure = e  # the generator may be half-way through a step: never continue from it
-                raise
-        else:
-            assert self._queue is not None and self._thread is not None
-            waited, warn_at = 0.0, _STARVED_WARN_S
-            while True:
-                try:
-                    item = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        raise RuntimeError("loader prefetch thread exited without a result") from None
-                    waited += 1.0
-                    if waited >= warn_at:
-                        # a hung read (object store, network file system) shows up here, not as a silent stall
-                        logger.warning("data loader rank %d/%d: waited %.0f s for the step at pack %d (epoch %d); "
-                                       "the prefetch thread is still working", self.dp_rank, self.dp_size, waited,
-                                       self._cursor, self._position.epoch)
-                        warn_at *= 2
-            if isinstance(item, _Failure):
-                self._failure = item.exc
-                raise item.exc
-            step = item
-        self._apply(step)
-        return step.batches
+            else:
+                step = self._next_produced()
+            results = self._wait(step.jobs)
+        except BaseException as e:
+            self._failure = e  # the generator may be half-way through a step: never continue from it
+            raise
+        self._apply(step, results)
+        return [r.batch for r in results]
 
-    def _apply(self, step: _Step) -> None:
-        new_epoch = step.end.epoch != self._position.epoch
+    def _next_produced(self) -> _Step:
+        assert self._queue is not None and self._thread is not None
+        waited, warn_at = 0.0, _STARVED_WARN_S
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("loader prefetch thread exited without a result") from None
+                waited += 1.0
+                if waited >= warn_at:
+                    logger.warning("data loader rank %d/%d: waited %.0f s for the step at pack %d (epoch %d); "
+                                   "the prefetch thread is still planning", self.dp_rank, self.dp_size, waited,
+                                   self._cursor, self._epoch)
+                    warn_at *= 2
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    @property
+    def _epoch(self) -> int:
+        return self._planner.epoch_of(self._position.streams)
+
+    def _apply(self, step: _Step, results: list[MicroBatch]) -> None:
+        before = self._epoch
         self._position = step.end
+        if self._carry is not None and self._position.streams != self._carry.start:
+            self._carry = None  # the window begun under the old mixture is done
         self._cursor = step.end_cursor
         self._consumed_docs += step.global_docs
         self._consumed_tokens += step.global_tokens
+        self._by_source += step.by_source
         self._counters.add(step.counters)
-        self._bad_shards.update(step.bad_shards)
+        rank_tokens = 0
+        for r in results:
+            self._counters.add(r.counters)
+            self._bad_shards.update(r.bad_shards)
+            rank_tokens += r.batch.n_tokens
+        rank_packs = self.global_batch_size // self.dp_size
         self._last_eff = step.global_tokens / (self.global_batch_size * self.seq_len)
-        self._last_rank_eff = step.rank_tokens / (step.rank_packs * self.seq_len) if step.rank_packs else 0.0
-        self._rank_tokens += step.rank_tokens
-        self._rank_packs += step.rank_packs
-        if new_epoch:
+        self._last_rank_eff = rank_tokens / (rank_packs * self.seq_len)
+        self._rank_tokens += rank_tokens
+        self._rank_packs += rank_packs
+        if self._epoch != before:
             s = self.stats
             logger.info(
                 "data epoch %d complete; now in epoch %d (consumed %d packs, %d docs; packing efficiency %.4f, "
                 "skipped: %d too long, %d damaged samples, %d in unreadable shards)",
-                step.end.epoch - 1, step.end.epoch, s["consumed_packs"], s["consumed_docs"],
+                self._epoch - 1, self._epoch, s["consumed_packs"], s["consumed_docs"],
                 s["pack_efficiency_cumulative"], s["skipped_too_long"], s["skipped_bad_sample"], s["skipped_bad_shard"],
             )
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position of the consumed steps (prefetched steps are not included)."""
-        # prefetched steps are not consumed: never count them in state
-        return {
-            "version": STATE_VERSION,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "pack_window": self.pack_window,
-            "layout": self.layout.name,
-            "tokenizer": self.tokenizer.fingerprint,
-            "dataset": self._dataset_fingerprint,
-            "position": {"epoch": self._position.epoch, "window": self._position.window,
-                         "offset": self._position.offset},
-            "consumed_packs": self._cursor,
-            "consumed_docs": self._consumed_docs,
-            "consumed_tokens": self._consumed_tokens,
-            "global_batch_size": self.global_batch_size,
-            "dp_size": self.dp_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state`` (possibly saved with a different dp_rank/dp_size)."""
-        if state.get("version") != STATE_VERSION:
-            raise DataConfigError(f"loader state version {state.get('version')!r} != supported {STATE_VERSION}")
-        mine = self.state_dict()
-        for name, what in (("seed", "seed"), ("seq_len", "seq_len"), ("pack_window", "pack_window"),
-                           ("layout", "layout name"), ("tokenizer", "tokenizer fingerprint"),
-                           ("dataset", "dataset fingerprint (shard list / sizes / checksums)")):
-            if state.get(name) != mine[name]:
-                raise DataConfigError(
-                    f"cannot resume data loader: {what} differs (checkpoint {state.get(name)!r}, "
-                    f"current {mine[name]!r}); the packed sample order would not match the checkpoint. "
-                    "Restore the original setting or start the data stream afresh (no load_state_dict)"
-                )
-        if state["global_batch_size"] != self.global_batch_size:
-            logger.warning(
-                "resuming with global_batch_size %d (checkpoint %d): the pack sequence continues exactly, "
-                "step boundaries move", self.global_batch_size, state["global_batch_size"],
-            )
-        self._reset()
-        pos = state["position"]
-        self._position = Position(int(pos["epoch"]), int(pos["window"]), int(pos["offset"]))
-        self._cursor = int(state["consumed_packs"])
-        self._consumed_docs = int(state["consumed_docs"])
-        self._consumed_tokens = int(state["consumed_tokens"])
-        logger.info("data loader resumed at epoch %d window %d pack %d (consumed packs %d, dp %d/%d)",
-                    self._position.epoch, self._position.window, self._position.offset, self._cursor,
-                    self.dp_rank, self.dp_size)
 
     @property
     def stats(self) -> dict[str, Any]:
         """Counters of the consumed steps. pack_efficiency* are over the global packs (planned tokens);
-        rank_pack_efficiency* over this rank's rows after damaged samples were dropped."""
+        rank_pack_efficiency* over this rank's rows after damaged samples were dropped. *_by_source:
+        the planned documents of the global steps, per source name."""
+        by = self._by_source
         return {
             "pack_efficiency": self._last_eff,
             "pack_efficiency_cumulative": (self._consumed_tokens / (self._cursor * self.seq_len)) if self._cursor else 0.0,
@@ -609,24 +529,33 @@ class PackedLoader:
             "skipped_bad_sample": self._counters.skipped_bad_sample,
             "skipped_bad_shard": self._counters.skipped_bad_shard,
             "bad_shards": sorted(self._bad_shards),
-            "epoch": self._position.epoch,
+            "epoch": self._epoch,
+            "epochs_by_source": {s.name: st.epoch for s, st in zip(self._src.streams, self._position.streams)},
             "consumed_packs": self._cursor,
             "consumed_docs": self._consumed_docs,
             "consumed_tokens": self._consumed_tokens,
+            "tokens_by_source": {n: int(by[i, 0]) for i, n in enumerate(self.sources)},
+            "audio_hours_by_source": {n: float(by[i, 2]) / 3600.0 for i, n in enumerate(self.sources)},
         }
 
     @property
     def n_samples(self) -> int:
-        """Samples per epoch (before any skipping)."""
-        return self._planner.order.epoch_size
+        """Samples per epoch of every weighted source (before any skipping)."""
+        return self._planner.samples_per_pass
+
+    @property
+    def index_bytes_read(self) -> int:
+        """Bytes read from the compact indexes so far (start-up and planning)."""
+        return self._src.bytes_read
 
     def close(self) -> None:
-        """Stop the prefetch thread and the worker pool; idempotent."""
+        """Stop the prefetch thread and the workers; idempotent."""
         if self._closed:
             return
         self._reset()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for w in self._workers:
+            w.shutdown(wait=True, cancel_futures=True)
+        self._src.close()
         self._closed = True
 
     def __enter__(self) -> "PackedLoader":

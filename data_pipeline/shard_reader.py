@@ -286,35 +286,102 @@ def read_shard(url: str) -> Iterator[Sample]:
 
 def parse_sample(data: bytes, entry: SampleEntry, shard_url: str) -> Sample:
     """Parse ``data = read_range(shard_url, entry.offset, entry.offset + entry.length)``."""
-    key = entry.key
     if len(data) != entry.length:
         raise SampleError(
             shard_url,
             f"truncated range [{entry.offset}, {entry.end}): got {len(data)} of {entry.length} bytes",
-            key=key,
+            key=entry.key,
         )
+    return parse_range(data, shard_url, entry.offset, entry.n_q, entry.n_frames, key=entry.key)
+
+
+def parse_range(data: bytes, shard_url: str, offset: int, n_q: int, n_frames: int, key: str | None = None) -> Sample:
+    """Parse one sample's byte range cut from a shard at ``offset`` (any tar dialect the reader
+    knows: pax, GNU long names, ...); its codes must be [n_q, n_frames] and, when ``key`` is given,
+    its key that one. SampleError (naming the URL and key) otherwise."""
     reader = _Reader(io.BytesIO(data), shard_url)
     try:
-        groups = list(_iter_groups(_iter_members(reader, shard_url, base=entry.offset, archive=False), shard_url))
+        groups = list(_iter_groups(_iter_members(reader, shard_url, base=offset, archive=False), shard_url))
     except SampleError:
         raise
     except ShardError as e:
         raise SampleError(shard_url, e.reason, key=key) from e
     found = [g.key for g in groups]
-    if found != [key]:
+    if len(found) != 1 or (key is not None and found != [key]):
         raise SampleError(
             shard_url,
-            f"byte range [{entry.offset}, {entry.end}) holds keys {found}, not [{key!r}] (stale index?)",
+            f"byte range [{offset}, {offset + len(data)}) holds keys {found}, not "
+            f"{[key] if key is not None else 'one sample'} (stale index?)",
             key=key,
         )
-    sample = _decode_sample(shard_url, key, groups[0].parts)
-    if sample.codes.shape[1] != entry.n_frames or sample.codes.shape[0] != entry.n_q:
+    sample = _decode_sample(shard_url, found[0], groups[0].parts)
+    if sample.codes.shape[1] != n_frames or sample.codes.shape[0] != n_q:
         raise SampleError(
             shard_url,
-            f"codes shape {sample.codes.shape} != index [n_q={entry.n_q}, T={entry.n_frames}] (stale index?)",
-            key=key,
+            f"codes shape {sample.codes.shape} != index [n_q={n_q}, T={n_frames}] (stale index?)",
+            key=found[0],
         )
     return sample
+
+
+def _ustar_member(buf: bytes | memoryview, at: int) -> tuple[bytes, int] | None:
+    """(name, size) of the plain ustar header of a regular file at ``buf[at:]``, or None where the
+    generic parser must look (pax/GNU headers, a name prefix, base-256 sizes, garbage)."""
+    if buf[at + 156] not in (0x30, 0) or buf[at + 257 : at + 263] != b"ustar\x00" or buf[at + 345] != 0:
+        return None
+    name = bytes(buf[at : at + 100]).split(b"\0", 1)[0]
+    try:
+        size = int(bytes(buf[at + 124 : at + 136]).strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+    return name, size
+
+
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def decode_fast(buf: bytes | memoryview, start: int, length: int, n_q: int, n_frames: int,
+                dtype: np.dtype) -> tuple[str, np.ndarray, str] | None:
+    """(key, codes [n_q, n_frames], text) of the sample at ``buf[start:start + length]`` when it is
+    laid out exactly as ShardWriter writes it (three plain ustar members codes.npy, txt, json in
+    that order; a version 1.0 .npy of ``dtype`` and the index's shape), else None: the caller then
+    takes the generic path (:func:`parse_range`), which handles every dialect and names the damage.
+
+    What it checks: member names (one key, the three extensions in order), sizes that add up to
+    exactly ``length``, the .npy magic and header. What it skips: tar header checksums (each field
+    it uses is checked instead) and the metadata JSON, which the loader does not use.
+    """
+    if length < 3 * _BLOCK:
+        return None
+    h0 = _ustar_member(buf, start)
+    if h0 is None or not h0[0].endswith(b".codes.npy"):
+        return None
+    stem, size0 = h0[0][: -len(b".codes.npy")], h0[1]
+    npy = start + _BLOCK
+    if bytes(buf[npy : npy + 8]) != _NPY_MAGIC:
+        return None
+    hlen = buf[npy + 8] | (buf[npy + 9] << 8)
+    header = bytes(buf[npy + 10 : npy + 10 + hlen])
+    want = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({n_q}, {n_frames}), }}".encode()
+    if not header.startswith(want) or header[len(want):].strip(b" ") != b"\n":
+        return None
+    if size0 != 10 + hlen + n_q * n_frames * dtype.itemsize:
+        return None
+    p1 = _BLOCK + _padded(size0)
+    h1 = _ustar_member(buf, start + p1) if p1 + _BLOCK <= length else None
+    if h1 is None or h1[0] != stem + b".txt":
+        return None
+    p2 = p1 + _BLOCK + _padded(h1[1])
+    h2 = _ustar_member(buf, start + p2) if p2 + _BLOCK <= length else None
+    if h2 is None or h2[0] != stem + b".json" or p2 + _BLOCK + _padded(h2[1]) != length:
+        return None
+    try:
+        key = stem.decode("utf-8")
+        text = bytes(buf[start + p1 + _BLOCK : start + p1 + _BLOCK + h1[1]]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    codes = np.frombuffer(buf, dtype, count=n_q * n_frames, offset=npy + 10 + hlen).reshape(n_q, n_frames)
+    return key, codes, text
 
 
 def read_sample(shard_url: str, entry: SampleEntry) -> Sample:

@@ -1,5 +1,6 @@
 """Writing token shards: ShardWriter (one tar, its sidecar written last, atomically) and
-write_dataset (a dataset directory of shards plus its index.json)."""
+write_dataset / finalize_dataset (a dataset directory of shards plus its index.json and its
+compact index, index.cidx)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ import numpy as np
 
 from storage import fs
 
+from .compact_index import CompactIndexWriter
 from .shard_format import (
     EXT_CODES,
     EXT_META,
@@ -225,11 +227,13 @@ def write_dataset(
     fs.makedirs(out_dir)
     summaries: list[ShardSummary] = []
     writer: ShardWriter | None = None
+    compact = CompactIndexWriter()
 
     def finish(w: ShardWriter) -> None:
         idx = w.close()
         tar_name = fs.basename(w.path)
         summaries.append(ShardSummary.from_index(tar_name, fs.basename(index_path_for(tar_name)), idx))
+        compact.add_shard(tar_name, idx, n_q=codec["n_q"])
 
     try:
         for sample in samples:
@@ -245,36 +249,56 @@ def write_dataset(
     except BaseException:
         if writer is not None:
             writer.abort()
+        compact.close()
         raise
     if not summaries:
+        compact.close()
         raise ValueError(f"{out_dir}: no samples to write")
-    ds = DatasetIndex(name=name, codec=codec, shards=summaries)
-    ds.save(out_dir)
+    return _publish(out_dir, DatasetIndex(name=name, codec=codec, shards=summaries), compact)
+
+
+def _publish(out_dir: str, ds: DatasetIndex, compact: CompactIndexWriter) -> DatasetIndex:
+    """index.json, then the compact index that records it (a crash between the two leaves a
+    compact index the loader recognises as stale, never a silently mismatched pair)."""
+    try:
+        ds.save(out_dir)
+        compact.save(out_dir, ds.name, ds.codec, ds.to_json().encode("utf-8"))
+    finally:
+        compact.close()
     return ds
 
 
 
-def finalize_dataset(out_dir: str, name: str | None = None, codec: dict | None = None) -> DatasetIndex:
-    """Write ``out_dir/index.json`` over every shard whose sidecar is there (shards written
-    independently, e.g. by many tokenizer processes): the one step that turns finished shards into
-    a dataset. Every shard must carry the same codec (``codec``, when given, too). A tar without
-    its sidecar is unfinished and left out; the count of those is logged by the caller."""
+def finalize_dataset(out_dir: str, name: str | None = None, codec: dict | None = None,
+                     tokenizers: Iterable[Any] = ()) -> DatasetIndex:
+    """Write ``out_dir/index.json`` and ``index.cidx`` over every shard whose sidecar is there
+    (shards written independently, e.g. by many tokenizer processes): the one step that turns
+    finished shards into a dataset. Every shard must carry the same codec (``codec``, when given,
+    too). A tar without its sidecar is unfinished and left out; the count of those is logged by
+    the caller. Sidecars are read one at a time (memory does not grow with the dataset).
+    ``tokenizers``: text tokenizers whose token counts the compact index also holds."""
+    from .shard_reader import load_shard_index  # (reader and writer are siblings)
+
     tars = sorted(u for u in fs.listdir(out_dir) if u.endswith(".tar"))
     summaries: list[ShardSummary] = []
-    for url in tars:
-        side = index_path_for(url)
-        if not fs.exists(side):
-            continue
-        from .shard_reader import load_shard_index  # (reader and writer are siblings)
-
-        idx = load_shard_index(url)
-        if codec is None:
-            codec = idx.codec
-        elif idx.codec != codec:
-            raise ValueError(f"{url}: codec {idx.codec!r} differs from the dataset's {codec!r}")
-        summaries.append(ShardSummary.from_index(fs.basename(url), fs.basename(side), idx))
+    compact = CompactIndexWriter(tokenizers)
+    try:
+        for url in tars:
+            side = index_path_for(url)
+            if not fs.exists(side):
+                continue
+            idx = load_shard_index(url)
+            if codec is None:
+                codec = idx.codec
+            elif idx.codec != codec:
+                raise ValueError(f"{url}: codec {idx.codec!r} differs from the dataset's {codec!r}")
+            summaries.append(ShardSummary.from_index(fs.basename(url), fs.basename(side), idx))
+            compact.add_shard(fs.basename(url), idx, n_q=codec.get("n_q"))
+    except BaseException:
+        compact.close()
+        raise
     if not summaries:
+        compact.close()
         raise ValueError(f"{out_dir}: no finished shards (tar + sidecar) to index")
-    ds = DatasetIndex(name=name or fs.basename(out_dir.rstrip("/")) or "dataset", codec=codec, shards=summaries)
-    ds.save(out_dir)
-    return ds
+    name = name or fs.basename(out_dir.rstrip("/")) or "dataset"
+    return _publish(out_dir, DatasetIndex(name=name, codec=codec, shards=summaries), compact)

@@ -7,7 +7,8 @@ refused, naming each field, because megatron would load most of it silently (a v
 token longer shifts every speech id; a larger codebook loads part of the embedding). Data
 changes (seq_len, the datasets, the pack window, the seed of the data order) are a new training
 stage: ``train.reset_data=true`` keeps the model, optimizer and schedule and restarts the data
-stream; without it they are refused too.
+stream; without it they are refused too. New weights of data.sources are not such a change: the
+loader continues every source where it was under the new mixture (and logs it).
 
 Where nothing is left to resume from but something was committed before (the run directory's
 own record of commits, outside the checkpoint folder it protects), the run stops instead of
@@ -67,11 +68,6 @@ def fingerprint(cfg: Config, loader) -> dict:
     }
 
 
-_DATA_FIELDS = (("seq_len", "data.seq_len"), ("dataset", "the datasets (data.paths: shard list, sizes, checksums)"),
-                ("pack_window", "data.pack_window"), ("seed", "train.seed (the data order)"),
-                ("tokenizer", "the text tokenizer"), ("layout", "model.layout"))
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -97,9 +93,9 @@ def model_differences(saved: dict, now: dict) -> list[str]:
 
 
 def data_differences(saved_loader: dict, loader) -> list[str]:
-    mine = loader.state_dict()
-    return [f"{what}: checkpoint {saved_loader.get(key)!r}, now {mine[key]!r}"
-            for key, what in _DATA_FIELDS if saved_loader.get(key) != mine[key]]
+    """What keeps the data stream from continuing (the loader decides: a change of the weights of
+    data.sources is a new mixture, not a difference; see data_pipeline/loader_state.py)."""
+    return loader.resume_differences(saved_loader)
 
 
 # ---- the run directory's own record of commits ----

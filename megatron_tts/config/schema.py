@@ -109,9 +109,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class SourceConfig:
+    paths: list[str] = field(default_factory=list)
+    """Dataset dirs or index.json URLs of this source (local paths or s3://)."""
+    weight: float = 1.0
+    """Share of the training tokens drawn from this source (weights are normalised over the
+    sources; 0 pauses it). May change on resume: a new stage, each source continues where it was."""
+    name: Optional[str] = None
+    """Name in metrics (loss_by_source, audio_hours_by_source) and in the loader state; default:
+    its datasets' names joined by '+'. A resume matches sources by name."""
+
+
+@dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=lambda: ["data/demo"])
-    """Dataset dirs or index.json URLs (local paths or s3://)."""
+    paths: Optional[list[str]] = None
+    """Dataset dirs or index.json URLs (local paths or s3://), read as one unweighted stream
+    (their natural proportions). None: data/demo, unless data.sources is given."""
+    sources: Optional[list[SourceConfig]] = None
+    """Instead of data.paths: weighted sources [{paths, weight, name}], blended by tokens, each
+    with its own epochs (data_pipeline/mixing.py)."""
+    sample_order: str = "shuffle"
+    """Order of the packs within a packing window: 'shuffle' (seeded) or 'duration' (shortest
+    utterances first: a curriculum, as VALL-E's sample_order=duration)."""
     seq_len: int = 512
     """Packed sequence length."""
     pack_window: int = 1024

@@ -133,8 +133,16 @@ def validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.prefetch={d.prefetch}: must be in [0, 64] (steps prepared ahead; 0 = none)")
     if isinstance(cfg.train.lock_lease_s, (int, float)) and cfg.train.lock_lease_s < 10:
         problems.append(f"train.lock_lease_s={cfg.train.lock_lease_s:g}: must be >= 10 s (renewed every lease/4)")
-    if not cfg.data.paths:
+    if d.paths is not None and d.sources is not None:
+        problems.append("data.paths and data.sources: give exactly one (data.paths: one unweighted stream; "
+                        "data.sources: weighted sources [{paths, weight, name}]); over a recipe that sets "
+                        "data.paths, add data.paths=null")
+    elif d.paths is not None and not d.paths:
         problems.append("data.paths: empty; give at least one dataset dir (e.g. data/demo)")
+    if d.sources is not None:
+        _source_problems(d.sources, problems)
+    if d.sample_order not in ("shuffle", "duration"):
+        problems.append(f"data.sample_order: '{d.sample_order}' unknown; use shuffle or duration")
     s = cfg.optim.schedule
     if s.decay_style not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
         problems.append(f"optim.schedule.decay_style: '{s.decay_style}' unknown; use cosine, linear, constant or WSD")
@@ -324,3 +332,25 @@ def _codec_problems(codec) -> list[str]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             out.append(f"data.codec.{k}={v!r}: must be a positive number")
     return out
+
+
+def _source_problems(sources: list, problems: list[str]) -> None:
+    if not sources:
+        problems.append("data.sources: empty; give at least one {paths: [...], weight: w, name: n}")
+        return
+    names = []
+    for i, src in enumerate(sources):
+        where = f"data.sources[{i}]"
+        if not src.paths:
+            problems.append(f"{where}.paths: empty; give the source's dataset dirs")
+        if isinstance(src.weight, (int, float)) and not src.weight >= 0:
+            problems.append(f"{where}.weight={src.weight}: must be >= 0 (a share of the tokens; 0 pauses it)")
+        if src.name is not None and not str(src.name).strip():
+            problems.append(f"{where}.name: empty; give a name or leave it out")
+        names.append(src.name)
+    if all(isinstance(s.weight, (int, float)) for s in sources) and sources and not any(s.weight > 0 for s in sources):
+        problems.append("data.sources: every weight is 0; give at least one source a positive weight")
+    named = [n for n in names if n is not None]
+    dup = sorted({n for n in named if named.count(n) > 1})
+    if dup:
+        problems.append(f"data.sources: names {dup} repeat; give each source a unique name")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.layouts import build_layout
-from data_pipeline.loader import DataConfigError, PackedLoader
+from data_pipeline.loader import DataConfigError, PackedLoader, SourceSpec
 from data_pipeline.shard_format import codec_identity
 from data_pipeline.tokenizer import build_tokenizer
 from megatron_tts import faults, resume, signals
@@ -102,12 +102,18 @@ def wrap_ddp(cfg: Config, chunks: list) -> list:
     return model
 
 
-def build_loader(cfg: Config, layout: Layout, paths: Optional[list[str]] = None) -> PackedLoader:
+def build_loader(cfg: Config, layout: Layout, valid_paths: Optional[list[str]] = None) -> PackedLoader:
+    """The training loader (data.sources or data.paths), or with valid_paths a validation loader."""
     tok = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
                           expected_vocab_size=cfg.model.vocab.text_vocab_size)
     lay = build_layout(cfg.model.layout, vocab_layout(cfg), cfg.model.loss_segments, framing=chat_frame(cfg, tok))
-    valid = paths is not None
-    return PackedLoader(paths or cfg.data.paths, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
+    d = cfg.data
+    valid = valid_paths is not None
+    sources = None if d.sources is None or valid else \
+        [SourceSpec(list(s.paths), float(s.weight), s.name) for s in d.sources]
+    paths = valid_paths if valid else None if sources is not None else (d.paths if d.paths is not None else ["data/demo"])
+    return PackedLoader(paths, sources=sources, layout=lay, tokenizer=tok, seq_len=cfg.data.seq_len,
+                        sample_order=d.sample_order,
                         micro_batch_size=cfg.train.micro_batch_size,
                         global_batch_size=cfg.train.global_batch_size,
                         dp_rank=layout.dp_rank, dp_size=layout.dp, seed=cfg.train.seed,

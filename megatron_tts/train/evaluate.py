@@ -21,13 +21,40 @@ class ValidationOverlap(ValueError):
     """Validation data that the run also trains on (a user error: exit 3)."""
 
 
-def check_disjoint(valid, train) -> None:
-    """Refuse validation data that the run also trains on (sample keys are stable ids)."""
-    overlap = set(valid.sample_keys()) & set(train.sample_keys())
+KEY_CHECK_MAX_SAMPLES = 4_000_000  # above this, reading every training sidecar costs more than a start-up should
+
+
+def check_disjoint(valid, train, key_check_max: int = KEY_CHECK_MAX_SAMPLES) -> None:
+    """Refuse validation data that the run also trains on: a shard whose bytes are a training
+    shard's (always; O(shards)), or a sample key that is a training sample's (keys are stable ids;
+    O(samples) of sidecar reads, so only while the training data has at most ``key_check_max``).
+    Rank 0 reads, every rank raises the same error."""
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problem = _overlap(valid, train, key_check_max)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValidationOverlap(problem)
+
+
+def _overlap(valid, train, key_check_max: int) -> str | None:
+    shared = valid.shard_digests() & train.shard_digests()
+    if shared:
+        return (f"{len(shared)} validation shard(s) are training shards too (same sha256): validation would not "
+                "measure held-out data; use disjoint data.valid_paths")
+    if train.dataset_samples > key_check_max:
+        log.info("validation data: no training shard among its shards; sample keys not compared (%d training "
+                 "samples > %d)", train.dataset_samples, key_check_max)
+        return None
+    valid_keys = set(valid.sample_keys())
+    overlap = sorted(k for k in train.sample_keys() if k in valid_keys)
     if overlap:
-        raise ValidationOverlap(f"{len(overlap)} validation sample(s) are training samples too (e.g. "
-                                f"{sorted(overlap)[0]}): validation would not measure held-out data; use disjoint "
-                                "data.valid_paths")
+        return (f"{len(overlap)} validation sample(s) are training samples too (e.g. {overlap[0]}): validation would "
+                "not measure held-out data; use disjoint data.valid_paths")
+    return None
 
 
 class Evaluation(Hook):

@@ -307,7 +307,8 @@ def step_record(run, end: StepEnd) -> dict:
         "skipped_bad_shard": int(stats.bad_shards),
     }
     loader_stats = run.loader.stats
-    for k in ("skipped_too_long", "epoch", "consumed_packs"):  # the same on every rank
+    for k in ("skipped_too_long", "epoch", "consumed_packs", "epochs_by_source", "tokens_by_source",
+              "audio_hours_by_source"):  # the same on every rank (planned over the global steps)
         if k in loader_stats:
             r[k] = loader_stats[k]
     return r

@@ -251,11 +251,15 @@ def fatal(data) -> dict:
     os.remove(os.path.join(ds, "index.json"))
     cases["missing_index"] = ([f"data.paths=[{ds}]"], {"path": ds})
 
+    # (with its compact index a dataset's sidecars are not read at start-up: these two cases are
+    # datasets without one, read the old way)
     ds = copy_dataset(data.good, os.path.join(root, "no_sidecar"))
+    os.remove(os.path.join(ds, "index.cidx"))
     os.remove(os.path.join(ds, "shard-000001.idx.json"))
     cases["missing_sidecar"] = ([f"data.paths=[{ds}]"], {"shard": os.path.join(ds, "shard-000001.tar")})
 
     ds = copy_dataset(data.good, os.path.join(root, "bad_sidecar"))
+    os.remove(os.path.join(ds, "index.cidx"))
     with open(os.path.join(ds, "shard-000000.idx.json"), "r+b") as f:
         f.truncate(len(f.read()) // 2)  # cut mid-way: no longer JSON
     cases["corrupt_sidecar"] = ([f"data.paths=[{ds}]"], {"shard": os.path.join(ds, "shard-000000.tar")})

@@ -73,16 +73,17 @@ def test_a_hang_that_holds_the_gil_is_caught_by_the_backstop(tmp_path):
         from megatron_tts import watchdog
         cfg = WatchdogConfig(min_timeout_s=1, first_step_timeout_s=2, checkpoint_timeout_s=2, exit_grace_s=0.5)
         watchdog.start(cfg, {str(tmp_path)!r}, 0)
+        print(time.time(), flush=True)
         watchdog.beat("data", 1)
         time.sleep(1)  # the Python thread runs (its window is 2 s) and arms the backstop
         re.match(r"(a+)+$", "a" * 64 + "b")  # exponential backtracking, GIL held throughout
     """)
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True,
-                       timeout=60)
-    elapsed = time.monotonic() - t0
+                       timeout=120)
+    elapsed = time.time() - float(p.stdout.split()[0])  # from the watchdog's start: imports excluded
     assert p.returncode == EXIT_CRASH, (p.returncode, p.stderr[-2000:])
     assert "Timeout" in p.stderr and "in <module>" in p.stderr, p.stderr[-2000:]
-    # backstop = longest window (2 s) + exit_grace_s (0.5 s) + 5 s after its last re-arming
-    assert elapsed < 20, elapsed
+    # backstop = longest window (2 s) + exit_grace_s (0.5 s) + 5 s after its last re-arming; the regex
+    # alone would run for centuries, so the bound only has to be loose enough for a loaded machine
+    assert elapsed < 45, elapsed
     assert not os.path.exists(os.path.join(tmp_path, "hang"))  # the Python side never ran

@@ -109,9 +109,13 @@ def test_greedy_sampling_on_a_checkpoint_equals_transformers_on_its_export(runs)
                     Sampling(greedy=True, max_tokens=40, speech_only=False))[0] == ours
 
 
-def test_a_run_from_an_hf_model_starts_at_transformers_loss(tmp_path):
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"]),
+                                          (2, ["parallel.pp=2", "parallel.vpp=2", "model.transformer.num_layers=4"])],
+                         ids=["one_process", "tp2", "pp2_vpp2"])
+def test_a_run_from_an_hf_model_starts_at_transformers_loss(tmp_path, nproc, layout):
     """train.init_from=hf: the first step's loss is transformers' loss of that model on the same
-    batch, the documents unpacked and framed the same way."""
+    batch, the documents unpacked and framed the same way, under any layout (every rank loads
+    only its slices)."""
     from transformers import AutoModelForCausalLM
 
     from data_pipeline.layouts import build_layout
@@ -126,8 +130,8 @@ def test_a_run_from_an_hf_model_starts_at_transformers_loss(tmp_path):
 
     export_tokenizer(hf, VocabLayout(256, list(LLASA_SPECIAL_TOKENS), 1, 256), None)
     overrides = recipe_overrides() + ["train.steps=1", "logging.ledger=true", "train.dtype=fp32",
-                                      f"train.init_from=hf:{hf}", "checkpoint.interval=100"]
-    r = pretrain(str(tmp_path / "run"), SMALL + overrides, nproc=1)
+                                      f"train.init_from=hf:{hf}", "checkpoint.interval=100"] + layout
+    r = pretrain(str(tmp_path / "run"), SMALL + overrides, nproc=nproc)
     assert r.returncode == 0, r.output[-3000:]
     assert "train.init_from: initialised from" in r.output and "extended model" not in r.output
     loss = r.losses()[1]

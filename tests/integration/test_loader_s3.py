@@ -98,6 +98,9 @@ def test_missing_remote_dataset_names_the_url(s3fs_client, datasets: tuple[str, 
     with pytest.raises(DataConfigError, match=missing):
         make_loader(missing)
     s3fs_client.rm_file(remote[len("s3://"):] + "/shard-000002.idx.json")
+    with make_loader(remote) as ld:  # with index.cidx, start-up reads no sidecar
+        ld.next_step()
+    s3fs_client.rm_file(remote[len("s3://"):] + "/index.cidx")
     with pytest.raises(DataConfigError, match="shard-000002"):
         make_loader(remote)
 

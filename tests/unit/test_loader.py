@@ -15,7 +15,8 @@ import torch
 
 from data_pipeline.layouts import SEGMENT_INDEX, VocabLayout, build_layout
 from data_pipeline.loader import Batch, DataConfigError, PackedLoader, build_attention_mask, build_pack_row
-from data_pipeline.packing import GlobalOrder, PackPlanner, best_fit_decreasing, minimal_bin_slack
+from data_pipeline.mixing import Planner, Stream, WindowPlan
+from data_pipeline.packing import GlobalOrder, best_fit_decreasing, minimal_bin_slack
 from data_pipeline.shards import DatasetIndex, Sample, load_shard_index, write_dataset
 from data_pipeline.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -94,6 +95,20 @@ def assert_steps_equal(a: list[list[Batch]], b: list[list[Batch]]) -> None:
             assert (x.sample_keys, x.pack_ids, x.epochs, x.n_tokens) == (y.sample_keys, y.pack_ids, y.epochs, y.n_tokens)
 
 
+def epoch_plans(planner: Planner, n_epochs: int = 1) -> list[WindowPlan]:
+    """Every window plan of the first ``n_epochs`` epochs (one stream)."""
+    plans, start = [], planner.start()
+    while start[0].epoch < n_epochs:
+        plans.append(planner.plan(start))
+        start = plans[-1].end
+    return plans
+
+
+def one_stream_planner(lengths: np.ndarray, seq_len: int, pack_window: int = 1024) -> Planner:
+    stream = Stream("x", 1.0, np.zeros(1, np.int64), GlobalOrder([len(lengths)], seed=1), legacy=True)
+    return Planner([stream], lambda s, i: lengths[i], lambda s, i: np.zeros(len(i)), seq_len, pack_window, seed=1)
+
+
 # ----------------------------------------------------------------------------- planning
 
 
@@ -128,8 +143,7 @@ def test_packing_efficiency_on_the_demo_data() -> None:
     layout = build_layout("llasa", VocabLayout(text_vocab_size=256, codebook_size=256))
     with PackedLoader(str(demo), layout=layout, tokenizer=TOK, seq_len=512, micro_batch_size=2,
                       global_batch_size=8, prefetch=0, num_workers=1) as ld:
-        planner = ld._planner
-        plans = [planner.plan(e, w) for e in (0, 1) for w in range(planner.windows_per_epoch)]
+        plans = epoch_plans(ld._planner, 2)
     eff = sum(p.n_tokens for p in plans) / (sum(len(p.packs) for p in plans) * 512)
     assert eff >= 0.95, eff
 
@@ -161,8 +175,7 @@ def test_packing_efficiency_on_realistic_lengths(seq_len: int, dist: str) -> Non
         lengths = rng.integers(100, 301, n)
     else:
         lengths = np.clip(rng.lognormal(np.log(180), 0.35, n), 40, seq_len).astype(np.int64)
-    planner = PackPlanner(GlobalOrder([n], seed=1), lambda s, i: lengths[i], seq_len, pack_window=1024)
-    plans = [planner.plan(0, w) for w in range(planner.windows_per_epoch)]
+    plans = epoch_plans(one_stream_planner(lengths, seq_len))
     tokens = sum(p.n_tokens for p in plans)
     packs = sum(len(p.packs) for p in plans)
     assert tokens == int(lengths.sum())  # nothing lost
@@ -173,8 +186,7 @@ def test_packing_efficiency_on_realistic_lengths(seq_len: int, dist: str) -> Non
 def test_loader_packing_efficiency_on_a_realistic_dataset(tmp_path: Path, seq_len: int) -> None:
     write_dataset(str(tmp_path / "ds"), synth_samples(2048, seed=11), CODEC, samples_per_shard=256, name="eff")
     with make_loader(str(tmp_path / "ds"), seq_len=seq_len, pack_window=1024, prefetch=0) as ld:
-        planner = ld._planner
-        plans = [planner.plan(0, w) for w in range(planner.windows_per_epoch)]
+        plans = epoch_plans(ld._planner)
         eff = sum(p.n_tokens for p in plans) / (sum(len(p.packs) for p in plans) * seq_len)
         for _ in range(3):
             ld.next_step()
@@ -330,13 +342,14 @@ def test_resume_replans_only_the_current_window(dataset: str) -> None:
         for _ in range(30):  # well into epoch 2
             ld.next_step()
         state = ld.state_dict()
-    planned: list[tuple[int, int]] = []
+    planned: list[tuple] = []
     with make_loader(dataset, prefetch=0) as ld:
         plan = ld._planner.plan
-        ld._planner.plan = lambda e, w: planned.append((e, w)) or plan(e, w)  # type: ignore[method-assign]
+        ld._planner.plan = lambda start, *a: planned.append(start) or plan(start, *a)  # type: ignore[method-assign]
         ld.load_state_dict(state)
         ld.next_step()
-    assert planned[0] == (state["position"]["epoch"], state["position"]["window"])
+    saved = state["streams"][0]
+    assert (planned[0][0].epoch, planned[0][0].pos) == (saved["epoch"], saved["pos"]) and saved["pos"] > 0
     assert len(planned) <= 2
 
 
@@ -413,11 +426,14 @@ def test_missing_path_and_empty_dataset(tmp_path: Path, dataset: str) -> None:
         make_loader(str(no_index))
 
 
-def test_missing_or_corrupt_sidecar_is_a_config_error(tmp_path: Path, dataset: str) -> None:
+def test_missing_or_corrupt_sidecar_is_a_config_error_without_a_compact_index(tmp_path: Path, dataset: str) -> None:
     d = tmp_path / "ds"
     shutil.copytree(dataset, d)
     sidecar = d / "shard-000003.idx.json"
     sidecar.write_text("{not json")
+    with make_loader(str(d)) as ld:  # with index.cidx the sidecars are not read at start-up
+        assert ld.index_bytes_read <= 2 * os.path.getsize(d / "index.cidx")
+    (d / "index.cidx").unlink()
     with pytest.raises(DataConfigError, match="shard-000003"):
         make_loader(str(d))
     sidecar.unlink()
@@ -531,13 +547,18 @@ def test_dataset_with_only_too_long_samples_fails_loudly(tmp_path: Path) -> None
         ld.next_step()
 
 
-def test_hf_tokenizer_batch_encoding(tmp_path: Path, dataset: str, all_keys: list[str]) -> None:
+def word_tokenizer(tmp_path: Path) -> HFTokenizer:
+    """A word-level tokenizer.json over synth_samples' words, saved under ``tmp_path``."""
     tokenizers = pytest.importorskip("tokenizers")
     words = ["[UNK]", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    hf = HFTokenizer(tmp_path / "tokenizer.json")
+    return HFTokenizer(tmp_path / "tokenizer.json")
+
+
+def test_hf_tokenizer_batch_encoding(tmp_path: Path, dataset: str, all_keys: list[str]) -> None:
+    hf = word_tokenizer(tmp_path)
     layout = build_layout("llasa", VocabLayout(text_vocab_size=hf.vocab_size, codebook_size=1024))
     text_of = {f"{Path(u).name}:{e.key}": e.text for u in DatasetIndex.load(dataset).shard_urls()
                for e in load_shard_index(u).samples}
@@ -604,3 +625,46 @@ def test_stats_reflect_consumed_steps_only(dataset: str) -> None:
     # two steps are a sample of one window's packs (epoch-level efficiency is tested separately)
     assert 0.8 < s["pack_efficiency_cumulative"] <= 1.0 and 0.0 < s["pack_efficiency"] <= 1.0
     assert s["skipped_bad_sample"] == s["skipped_bad_shard"] == s["skipped_too_long"] == 0
+
+
+def test_each_micro_batch_is_read_by_the_worker_assignment_names(dataset: str, monkeypatch) -> None:
+    from data_pipeline.loader import assignment
+    from data_pipeline.pack_reader import PackReader
+
+    seen: list[tuple[int, str]] = []
+    read = PackReader.micro_batch
+
+    def spy(self, packs, pack_ids, epochs):
+        seen.append((pack_ids[0], threading.current_thread().name))
+        return read(self, packs, pack_ids, epochs)
+
+    monkeypatch.setattr(PackReader, "micro_batch", spy)
+    with make_loader(dataset, dp_rank=1, dp_size=2, micro_batch_size=1, num_workers=3, prefetch=2) as ld:
+        for _ in range(5):
+            ld.next_step()
+    assert len(seen) >= 5 * 4
+    for pack, thread in seen:
+        step = pack - pack % 8
+        rank, worker = assignment(pack, step, 8, 2, 1, 3)
+        assert rank == 1 and thread.startswith(f"loader-worker{worker}_")
+    assert {t.split("_")[0] for _, t in seen} == {"loader-worker0", "loader-worker1", "loader-worker2"}
+
+
+def test_validation_data_that_is_training_data_is_refused(dataset: str, tmp_path: Path, caplog) -> None:
+    from megatron_tts.train.evaluate import ValidationOverlap, check_disjoint
+
+    samples = synth_samples(N_SAMPLES)
+    resharded = tmp_path / "resharded"  # the same utterances, other shards: only the keys tell
+    write_dataset(str(resharded), samples[:30], CODEC, samples_per_shard=7, name="resharded")
+    held_out = tmp_path / "held_out"
+    write_dataset(str(held_out), synth_samples(30, seed=9, prefix="valid/"), CODEC, samples_per_shard=7, name="ho")
+    with make_loader(dataset) as train, make_loader(dataset) as same, make_loader(str(resharded)) as copy, \
+            make_loader(str(held_out)) as valid:
+        with pytest.raises(ValidationOverlap, match=r"6 validation shard\(s\) are training shards too"):
+            check_disjoint(same, train)
+        with pytest.raises(ValidationOverlap, match=r"30 validation sample\(s\) are training samples too"):
+            check_disjoint(copy, train)
+        check_disjoint(valid, train)
+        with caplog.at_level(logging.INFO, logger="megatron_tts"):
+            check_disjoint(copy, train, key_check_max=N_SAMPLES - 1)  # too big to read every sidecar: shards only
+        assert "sample keys not compared" in caplog.text

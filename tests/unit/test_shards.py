@@ -110,6 +110,7 @@ def test_dataset_index_totals_and_load(tmp_path: Path, codec: dict) -> None:
     out = tmp_path / "ds"
     ds = write_dataset(str(out), samples, codec, samples_per_shard=3, name="tot")
     assert sorted(os.listdir(out)) == [
+        "index.cidx",
         "index.json",
         "shard-000000.idx.json",
         "shard-000000.tar",

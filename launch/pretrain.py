@@ -35,6 +35,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             RunDirLocked, RunDirError, ValidationOverlap)
 
 
+def quiet_imports() -> None:
+    """megatron-core warns at import about every optional kernel it falls back from (apex, TE,
+    triton, ...); our own startup line states what is in use."""
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine|absl).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     # First: a stop signal during the imports and start-up below must not kill the process
     # (the default action); it is acted on at the first step boundary.
@@ -44,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
-    # megatron-core warns at import about every optional kernel it falls back from (apex, TE,
-    # triton, ...); our own startup line states what is in use.
-    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine|absl).*")
+    quiet_imports()
     user_errors = _user_errors()
     run_dir, rank = None, int(os.environ.get("RANK", 0))
     try:

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from data_pipeline.shards import (
     write_dataset,
 )
 from megatron_tts.exit_codes import EXIT_FATAL
+from tests.forkcli import CliResult, run_many
 from tests.helpers import REPO, SMALL, env, pretrain
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,11 @@ RUN = SMALL + ["train.steps=3", "checkpoint.interval=1000"]
 
 # A path or logger name of megatron-core in a failed run's output: something escaped from inside it.
 _MEGATRON = re.compile(r"megatron[./]core")
+# What `python -m launch.pretrain` imports before it reads the config (tests/forkcli.py)
+PRELOAD = ("torch", "megatron_tts.train", "data_pipeline.loader")  # megatron_tts first: its CPU shims
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 def cli(run_dir: str, overrides: list[str], config: str = "configs/tiny.yaml") -> CliResult:
@@ -64,6 +59,15 @@ def cli(run_dir: str, overrides: list[str], config: str = "configs/tiny.yaml") -
     cmd = [sys.executable, "-m", "launch.pretrain", "--config", config, f"train.run_dir={run_dir}", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
     return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+def clis(*calls: tuple) -> list[CliResult]:
+    """`cli(run_dir, overrides[, config])` for each call, in order, each its own process but forked
+    from one that paid the imports once (tests/forkcli.py)."""
+    argvs = {f"call{i}": ["--config", call[2] if len(call) > 2 else "configs/tiny.yaml", f"train.run_dir={call[0]}",
+                          *call[1]] for i, call in enumerate(calls)}
+    results = run_many("launch.pretrain", argvs, setup=("launch.pretrain:quiet_imports",), preload=PRELOAD)
+    return [results[k] for k in argvs]
 
 
 def assert_fatal(r: CliResult, *needles: str) -> str:
@@ -238,8 +242,9 @@ def _tokenizer(path: str) -> int:
 
 @pytest.fixture(scope="module")
 def fatal(data) -> dict:
-    """Every fatal case, prepared here and run two at a time (each is mostly interpreter and
-    megatron-core start-up). Maps case name -> (CliResult, facts the test checks)."""
+    """Every fatal case, prepared here and run as `python -m launch.pretrain` processes forked from
+    one that imported torch and megatron-core once (tests/forkcli.py: each case is mostly that
+    start-up). Maps case name -> (CliResult, facts the test checks)."""
     root = os.path.join(data.root, "fatal")
     os.makedirs(root)
     cases: dict[str, tuple[list[str], dict]] = {}
@@ -285,14 +290,10 @@ def fatal(data) -> dict:
         f.write("not a directory")
     cases["run_dir_is_file"] = ([], {"run_dir": run_file})
 
-    def launch(name: str):
-        overrides, facts = cases[name]
-        run_dir = facts.get("run_dir", os.path.join(root, f"run_{name}"))
-        r = cli(run_dir, RUN + overrides, config=facts.get("config", "configs/tiny.yaml"))
-        return name, (r, {**facts, "run_dir": run_dir})
-
-    with ThreadPoolExecutor(2) as ex:
-        return dict(ex.map(launch, list(cases)))
+    for name, (_, facts) in cases.items():
+        facts.setdefault("run_dir", os.path.join(root, f"run_{name}"))
+    results = clis(*[(f["run_dir"], RUN + o, f.get("config", "configs/tiny.yaml")) for o, f in cases.values()])
+    return {name: (r, facts) for (name, (_, facts)), r in zip(cases.items(), results)}
 
 
 def test_missing_dataset_path(fatal):

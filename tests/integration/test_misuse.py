@@ -17,9 +17,9 @@ import time
 import pytest
 
 from megatron_tts.checkpoint import format as fmt
-from megatron_tts.exit_codes import EXIT_FATAL, read_exit_records
+from megatron_tts.exit_codes import read_exit_records
 from tests.helpers import REPO, SMALL, env, finish, kill_tree, pretrain, start_pretrain, wait_for_step, workers
-from tests.integration.test_bad_input import assert_fatal, cli
+from tests.integration.test_bad_input import assert_fatal, cli, clis
 
 pytestmark = pytest.mark.slow
 
@@ -118,21 +118,32 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_taken
 # ------------------------------------------------------------- resume compatibility, stages
 
 
-@pytest.mark.parametrize("change,needles", [
-    (["model.vocab.special_tokens=[<|TEXT_GENERATION_START|>,<|TEXT_GENERATION_END|>,<|TEXT_UNDERSTANDING_START|>,"
-      "<|TEXT_UNDERSTANDING_END|>,<|SPEECH_GENERATION_START|>,<|SPEECH_GENERATION_END|>,"
-      "<|SPEECH_UNDERSTANDING_START|>,<|SPEECH_UNDERSTANDING_END|>,<|EXTRA|>]"],
-     ["vocab.special_tokens: checkpoint '8 entries', now '9 entries'", "vocab.speech_offset: checkpoint 264, now 265",
-      "vocab.real: checkpoint 520, now 521"]),
-    (["model.vocab.codebook_size=512"], ["vocab.codebook_size: checkpoint 256, now 512",
-                                         "vocab.real: checkpoint 520, now 776"]),
-    (["model.transformer.ffn_hidden_size=256"], ["model.ffn_hidden_size: checkpoint 192, now 256"]),
-], ids=["one_special_token_more", "larger_codebook", "other_ffn"])
-def test_a_resume_into_another_model_is_refused_before_anything_is_written(trained, tmp_path, change, needles):
-    run_dir = copy_of(trained, tmp_path)
-    before = snapshot(run_dir)
-    r = cli(run_dir, BASE + ["train.steps=6"] + change)
-    msg = assert_fatal(r, "cannot resume from", "does not match this recipe", *needles,
+CHANGES = {
+    "one_special_token_more": (
+        ["model.vocab.special_tokens=[<|TEXT_GENERATION_START|>,<|TEXT_GENERATION_END|>,<|TEXT_UNDERSTANDING_START|>,"
+         "<|TEXT_UNDERSTANDING_END|>,<|SPEECH_GENERATION_START|>,<|SPEECH_GENERATION_END|>,"
+         "<|SPEECH_UNDERSTANDING_START|>,<|SPEECH_UNDERSTANDING_END|>,<|EXTRA|>]"],
+        ["vocab.special_tokens: checkpoint '8 entries', now '9 entries'", "vocab.speech_offset: checkpoint 264, now 265",
+         "vocab.real: checkpoint 520, now 521"]),
+    "larger_codebook": (["model.vocab.codebook_size=512"], ["vocab.codebook_size: checkpoint 256, now 512",
+                                                             "vocab.real: checkpoint 520, now 776"]),
+    "other_ffn": (["model.transformer.ffn_hidden_size=256"], ["model.ffn_hidden_size: checkpoint 192, now 256"]),
+}
+
+
+@pytest.fixture(scope="module")
+def other_models(trained, tmp_path_factory):
+    """Each change of CHANGES resumed on its own copy of `trained`: (result, run_dir, snapshot before)."""
+    dirs = {name: copy_of(trained, tmp_path_factory.mktemp(name)) for name in CHANGES}
+    before = {name: snapshot(d) for name, d in dirs.items()}
+    results = clis(*[(dirs[name], BASE + ["train.steps=6"] + change) for name, (change, _) in CHANGES.items()])
+    return {name: (r, dirs[name], before[name]) for name, r in zip(CHANGES, results)}
+
+
+@pytest.mark.parametrize("name", list(CHANGES))
+def test_a_resume_into_another_model_is_refused_before_anything_is_written(other_models, name):
+    r, run_dir, before = other_models[name]
+    msg = assert_fatal(r, "cannot resume from", "does not match this recipe", *CHANGES[name][1],
                        "another train.run_dir, or train.resume=never")
     assert "step_00000004" in msg
     assert snapshot(run_dir) == before  # config.yaml, metrics, checkpoints: byte for byte
@@ -180,12 +191,12 @@ def test_deleted_checkpoints_stop_the_run_instead_of_restarting_from_step_one(tr
 def test_resume_paths_that_are_not_checkpoints_are_named(trained, tmp_path):
     run_dir = str(tmp_path / "new")
     missing = str(tmp_path / "nope")
-    r = cli(run_dir, BASE + ["train.steps=6", f"train.resume={missing}"])
-    assert_fatal(r, f"train.resume={missing} does not exist")
-    r = cli(run_dir, BASE + ["train.steps=6", f"train.resume={trained}"])
-    assert_fatal(r, f"train.resume={trained} is a run directory, not a checkpoint",
+    r1, r2, r = clis((run_dir, BASE + ["train.steps=6", f"train.resume={missing}"]),
+                     (run_dir, BASE + ["train.steps=6", f"train.resume={trained}"]),
+                     (run_dir, BASE + ["train.steps=3", f"train.resume={trained}/checkpoints"]))
+    assert_fatal(r1, f"train.resume={missing} does not exist")
+    assert_fatal(r2, f"train.resume={trained} is a run directory, not a checkpoint",
                  os.path.join(trained, "checkpoints"))
-    r = cli(run_dir, BASE + ["train.steps=3", f"train.resume={trained}/checkpoints"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "is at step 4 >= train.steps=3: nothing to train; raise train.steps to continue" in r.stderr
 

@@ -468,7 +468,7 @@ def resolve(cfg: Config, layout) -> Optional[Tuned]:
         choice = Candidate(**saved["choice"])
         tuned = Tuned(choice, saved["reason"], [Measurement.from_record(r) for r in saved["candidates"]], fp,
                       reused=True, elapsed_s=0.0)
-        apply(cfg, choice)
+        apply(cfg, _agreed(choice, layout))
         if layout.rank == 0:
             log.info("autotune: reusing %s (tuned for this layout and config): %s; not re-tuning",
                      os.path.join(cfg.train.run_dir, FILE), choice.label())
@@ -489,12 +489,25 @@ def resolve(cfg: Config, layout) -> Optional[Tuned]:
     t0 = time.monotonic()
     measurements = sweep(cfg, layout)
     choice, reason = choose(measurements)
-    apply(cfg, choice)
+    apply(cfg, _agreed(choice, layout))
     tuned = Tuned(choice, reason, measurements, fp, reused=False, elapsed_s=time.monotonic() - t0,
                   retune_reason=why if why.startswith("the setting changed") else "")
     if layout.rank == 0:
         log.info("autotune: chose %s in %.1f s: %s", choice.label(), tuned.elapsed_s, reason)
     return tuned
+
+
+def _agreed(choice: Candidate, layout) -> Candidate:
+    """Every rank's choice, checked equal: ranks that disagreed would train with different
+    micro-batch counts, which no collective of the step would notice."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        got: list = [None] * dist.get_world_size()
+        dist.all_gather_object(got, asdict(choice))
+        if any(g != got[0] for g in got):
+            raise RuntimeError(f"autotune: ranks chose differently: {got}")
+    if layout.rank == 0:
+        log.info("autotune: all %d rank(s) use %s", layout.world_size, choice.label())
+    return choice
 
 
 def save(cfg: Config, tuned: Optional[Tuned], rank: int) -> None:

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_tts import signals
 from megatron_tts.checkpoint.collective import bcast
 from megatron_tts.config import Config, auto_fields, resolve_dtype
 from megatron_tts.config.validate import bucket_elements
@@ -68,12 +69,13 @@ class Candidate:
 @dataclass
 class Measurement:
     candidate: Candidate
-    status: str = "pending"  # ok | over_memory | predicted_over_memory | oom | over_budget
+    status: str = "pending"  # ok | over_memory | predicted_over_memory | oom | over_budget | stopped
     step_time_s: Optional[float] = None  # median over the timed steps of the max over ranks
     step_times_s: list = field(default_factory=list)
     tokens_per_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None  # max over ranks
     memory_limit_bytes: Optional[int] = None  # min over ranks
+    base_memory_bytes: Optional[int] = None  # max over ranks: held before the candidate's model was built
     note: str = ""
 
     def line(self) -> str:
@@ -103,8 +105,12 @@ def micro_batch_candidates(cfg: Config, dp: int) -> tuple[list[int], list[int]]:
     # transformer-engine's packed (THD) attention takes one sequence per micro-batch (train/build.py)
     wanted = [1] if uses_transformer_engine(cfg) else cfg.autotune.micro_batch_sizes or list(DEFAULT_MICRO_BATCH_SIZES)
     per_rank = cfg.train.global_batch_size // dp
-    keep = sorted({m for m in wanted if per_rank % m == 0})
-    return keep, sorted({m for m in wanted if per_rank % m})
+    pp = cfg.parallel.pp if cfg.parallel.vpp else 1  # interleaved 1F1B: micro-batches a multiple of pp
+
+    def fits(m: int) -> bool:
+        return per_rank % m == 0 and (per_rank // m) % pp == 0
+
+    return sorted({m for m in wanted if fits(m)}), sorted({m for m in wanted if not fits(m)})
 
 
 def bucket_candidates(cfg: Config) -> list[Optional[int]]:
@@ -123,15 +129,24 @@ def candidates(cfg: Config, dp: int) -> list[Candidate]:
 
 
 def predicted_peak(measured: list[Measurement], cand: Candidate) -> Optional[tuple[int, Measurement]]:
-    """A larger micro-batch's peak memory from the largest measured smaller one with the same
-    buckets, assuming activations grow linearly with the micro-batch (weights and optimizer
-    state do not): peak x mbs / mbs_measured is an upper bound of that."""
-    smaller = [m for m in measured if m.peak_memory_bytes is not None and m.candidate.bucket_size == cand.bucket_size
-               and m.candidate.micro_batch_size < cand.micro_batch_size]
+    """A larger micro-batch's peak memory from the smaller ones measured with the same buckets:
+    activations grow linearly with the micro-batch, weights and optimizer state do not. Two
+    points: the line through the two largest; one: its growth over the memory held before its
+    model was built, scaled by the micro-batch ratio (an upper bound)."""
+    smaller = sorted((m for m in measured if m.peak_memory_bytes is not None and m.base_memory_bytes is not None
+                      and m.candidate.bucket_size == cand.bucket_size
+                      and m.candidate.micro_batch_size < cand.micro_batch_size),
+                     key=lambda m: m.candidate.micro_batch_size)
     if not smaller:
         return None
-    ref = max(smaller, key=lambda m: m.candidate.micro_batch_size)
-    return int(ref.peak_memory_bytes * cand.micro_batch_size / ref.candidate.micro_batch_size), ref
+    ref = smaller[-1]
+    mbs, peak = ref.candidate.micro_batch_size, ref.peak_memory_bytes
+    if len(smaller) > 1:
+        prev = smaller[-2]
+        slope = max(0.0, (peak - prev.peak_memory_bytes) / (mbs - prev.candidate.micro_batch_size))
+        return int(peak + slope * (cand.micro_batch_size - mbs)), ref
+    grown = max(0, peak - ref.base_memory_bytes)
+    return int(ref.base_memory_bytes + grown * cand.micro_batch_size / mbs), ref
 
 
 def pre_verdict(measured: list[Measurement], cand: Candidate, elapsed_s: float,
@@ -260,24 +275,45 @@ class CudaMemory:
 
 
 class HostMemory:
-    """Process RSS (sampled after each step) against RSS + the host's available RAM split over
-    the ranks on this host."""
+    """The process's peak RSS against RSS + the host's available RAM split over the ranks on this
+    host. On Linux the kernel's own high-water mark (VmHWM, reset through /proc/self/clear_refs)
+    catches the peak inside a step; elsewhere RSS sampled after each step stands in for it."""
+
+    _STATUS, _CLEAR = "/proc/self/status", "/proc/self/clear_refs"
 
     def __init__(self) -> None:
         import psutil
 
         self.proc, self.psutil = psutil.Process(), psutil
         self.max_rss = 0
+        self.kernel_peak = False
 
     def reset(self) -> None:
         gc.collect()
         self.max_rss = self.proc.memory_info().rss
+        try:
+            with open(self._CLEAR, "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.kernel_peak = self._hwm() is not None
+        except OSError:
+            self.kernel_peak = False
+
+    def _hwm(self) -> Optional[int]:
+        try:
+            with open(self._STATUS) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
 
     def sample(self) -> None:
         self.max_rss = max(self.max_rss, self.proc.memory_info().rss)
 
     def peak(self) -> int:
-        return int(self.max_rss)
+        hwm = self._hwm() if self.kernel_peak else None
+        return int(max(self.max_rss, hwm or 0))
 
     def limit(self, headroom: float) -> int:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -422,8 +458,10 @@ def sweep(cfg: Config, layout, probe=None) -> list[Measurement]:
     for cand in cands:
         m = Measurement(cand)
         out.append(m)
-        elapsed = _agree([time.monotonic() - start])[0]  # every rank cuts off at the same candidate
-        verdict = pre_verdict(out[:-1], cand, elapsed, at.budget_s)
+        # every rank cuts off at the same candidate: the slowest clock, any rank's stop signal
+        elapsed, stop = _agree([time.monotonic() - start, float(signals.requested())])
+        verdict = ("stopped", "a stop signal arrived; the run stops after its first step") if stop and out[:-1] \
+            else pre_verdict(out[:-1], cand, elapsed, at.budget_s)
         if verdict is not None:
             m.status, m.note = verdict
             _report(layout, m)
@@ -431,13 +469,15 @@ def sweep(cfg: Config, layout, probe=None) -> list[Measurement]:
         if batches is None or batches.steps[0][0].tokens.shape[0] != cand.micro_batch_size:
             batches = _first_batches(cfg, layout, cand.micro_batch_size, at.warmup_steps + at.steps)
         probe.reset()
-        limit = probe.limit(at.headroom)
+        limit, base = probe.limit(at.headroom), probe.peak()
         times, tokens, oom, note = _measure(cfg, layout, cand, batches, probe)
         n = at.steps
-        local = (times if not oom else [0.0] * n) + [float(probe.peak()), -float(limit), float(oom), tokens]
+        local = (times if not oom else [0.0] * n) + [float(probe.peak()), -float(limit), float(oom), tokens,
+                                                     float(base)]
         agreed = _agree(local)
         m.step_times_s = agreed[:n]
         m.peak_memory_bytes, m.memory_limit_bytes = int(agreed[n]), int(-agreed[n + 1])
+        m.base_memory_bytes = int(agreed[n + 4])
         if agreed[n + 2] > 0:
             m.status, m.note = "oom", note or "out of memory on another rank"
             m.step_times_s = []

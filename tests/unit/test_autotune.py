@@ -21,6 +21,7 @@ from megatron_tts.autotune import (
     load_choice,
     micro_batch_candidates,
     pre_verdict,
+    predicted_peak,
     save_choice,
 )
 from megatron_tts.config import ConfigError, auto_fields, build_config, dump_yaml, load_config
@@ -62,14 +63,16 @@ def test_validation_lists_every_autotune_problem():
 def test_candidates_divide_the_global_batch_and_buckets_convert_megabytes():
     cfg = load_config(TINY, BOTH + ["autotune.bucket_sizes=[25MB,1000]", "model.layer_spec=local"])
     assert micro_batch_candidates(cfg, dp=2) == ([1, 2, 4], [8, 16])  # global 8 / dp 2 = 4 per rank
+    interleaved = load_config(TINY, ["train.micro_batch_size=auto", "parallel.pp=2", "parallel.vpp=2"])
+    assert micro_batch_candidates(interleaved, dp=2) == ([1, 2], [4, 8, 16])  # micro-batches: a multiple of pp
     assert bucket_candidates(cfg) == [1000, 6_250_000]  # fp32 gradients on CPU: 4 bytes each
     assert [c.label() for c in candidates(cfg, dp=4)] == [
         "mbs=1 bucket=0.001M", "mbs=1 bucket=6.25M", "mbs=2 bucket=0.001M", "mbs=2 bucket=6.25M"]
 
 
-def measured(mbs, bucket, step_s, tokens=8000, peak=GiB, limit=4 * GiB):
+def measured(mbs, bucket, step_s, tokens=8000, peak=GiB, limit=4 * GiB, base=GiB // 2):
     status = "ok" if peak <= limit else "over_memory"
-    return Measurement(Candidate(mbs, bucket), status, step_s, [step_s], tokens / step_s, peak, limit)
+    return Measurement(Candidate(mbs, bucket), status, step_s, [step_s], tokens / step_s, peak, limit, base)
 
 
 def test_choose_the_fastest_within_the_headroom():
@@ -87,8 +90,11 @@ def test_not_run_past_the_budget_or_a_predicted_peak():
     status, note = pre_verdict([first], Candidate(1, 20), elapsed_s=2.0, budget_s=1.0)
     assert status == "over_budget" and "autotune.budget_s=1" in note
     status, note = pre_verdict([first], Candidate(2, 10), elapsed_s=0.5, budget_s=1.0)
-    assert status == "predicted_over_memory" and "6.00 GiB predicted from mbs=1" in note
+    # one point: its growth over the memory held before its model (0.5 -> 3 GiB) doubles
+    assert status == "predicted_over_memory" and "5.50 GiB predicted from mbs=1" in note
     assert pre_verdict([first], Candidate(2, 20), elapsed_s=0.5, budget_s=1.0) is None  # other buckets: unknown
+    two = [measured(1, 10, 1.0, peak=GiB), measured(2, 10, 1.0, peak=GiB + GiB // 4)]
+    assert predicted_peak(two, Candidate(8, 10))[0] == 2 * GiB + 3 * GiB // 4  # the line through both: +0.25 GiB/mbs
     winner, why = choose([first, Measurement(Candidate(1, 20), status="over_budget")])
     assert winner == first.candidate and "only candidate" in why and "over_budget" in why
 
@@ -106,3 +112,19 @@ def test_autotune_json_is_reused_only_while_it_applies(tmp_path):
     (tmp_path / "autotune.json").write_text("{")
     saved, why = load_choice(str(tmp_path), fp)
     assert saved is None and "unreadable" in why
+
+
+def test_host_probe_sees_a_peak_inside_a_step():
+    from megatron_tts.autotune import HostMemory, memory_probe
+
+    probe = memory_probe(__import__("torch").device("cpu"))
+    assert isinstance(probe, HostMemory)
+    probe.reset()
+    base = probe.peak()
+    block = bytearray(64 * 2**20)  # touched: resident, then freed before any sample
+    del block
+    if probe.kernel_peak:  # Linux: the kernel's high-water mark saw it
+        assert probe.peak() >= base + 48 * 2**20
+    probe.reset()
+    assert probe.peak() < base + 48 * 2**20
+    assert probe.peak() < probe.limit(0.1)

@@ -16,7 +16,7 @@ from tests.reference_runs import reference_run
 
 AUTO = ["train.micro_batch_size=auto", "parallel.ddp.overlap_grad_reduce=true", "parallel.ddp.bucket_size=auto",
         "autotune.micro_batch_sizes=[1,2]", "autotune.bucket_sizes=[20000,10000000]", "autotune.steps=1",
-        "autotune.warmup_steps=1"]
+        "autotune.warmup_steps=0"]  # the test checks the mechanics, not the timings
 
 
 def events(run, kind):

@@ -84,7 +84,8 @@ class Measurement:
             return f"{c}: {self.status} ({self.note})"
         mem = ""
         if self.peak_memory_bytes is not None:
-            mem = f", peak {self.peak_memory_bytes / 2**30:.2f} GiB of {self.memory_limit_bytes / 2**30:.2f} GiB allowed"
+            mem = (f", peak {self.peak_memory_bytes / 2**30:.2f} GiB of "
+                   f"{self.memory_limit_bytes / 2**30:.2f} GiB allowed")
         return (f"{c}: step {self.step_time_s:.3f} s (median of {len(self.step_times_s)}, max over ranks), "
                 f"{self.tokens_per_s:,.0f} tokens/s{mem}: {self.status}" + (f" ({self.note})" if self.note else ""))
 
@@ -382,8 +383,17 @@ def _agree(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _measure(cfg: Config, layout, cand: Candidate, batches: list, probe) -> tuple[list[float], float, bool, str]:
+@dataclass
+class _Batches:
+    """A candidate's data: the run's first steps at one micro-batch size, and their (closed) loader."""
+
+    loader: object
+    steps: list
+
+
+def _measure(cfg: Config, layout, cand: Candidate, batches: _Batches, probe) -> tuple[list[float], float, bool, str]:
     """Run the candidate's steps: (per-step times after warmup, real tokens per step, oom, note)."""
+    # (imported here: megatron_tts.train.build imports this module)
     from megatron_tts.model import uses_transformer_engine
     from megatron_tts.optim import build_scheduler
     from megatron_tts.step_guard import StepGuard
@@ -424,12 +434,6 @@ def _measure(cfg: Config, layout, cand: Candidate, batches: list, probe) -> tupl
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return times, tokens, oom, note
-
-
-@dataclass
-class _Batches:
-    loader: object
-    steps: list
 
 
 def _first_batches(cfg: Config, layout, mbs: int, n_steps: int) -> _Batches:

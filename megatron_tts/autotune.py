@@ -221,10 +221,22 @@ def load_choice(run_dir: str, fp: dict) -> tuple[Optional[dict], str]:
         saved["choice"]["micro_batch_size"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"{path} is unreadable ({e!r})"
-    diffs = [f"{k} {old.get(k)!r} -> {fp.get(k)!r}" for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
+    diffs = _differences(old, fp)
     if diffs:
         return None, "the setting changed since it was tuned: " + "; ".join(diffs)
     return saved, ""
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key old -> new' for each differing leaf (nested keys dotted: autotune.steps 3 -> 5)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
 
 
 def save_choice(run_dir: str, record: dict) -> str:

@@ -109,6 +109,8 @@ def test_autotune_json_is_reused_only_while_it_applies(tmp_path):
     assert why == "" and saved["choice"] == {"micro_batch_size": 2, "bucket_size": 1000}
     saved, why = load_choice(str(tmp_path), fingerprint(cfg, world_size=1, dp=1))  # an elastic resize
     assert saved is None and "dp 2 -> 1" in why and "world_size 2 -> 1" in why
+    cfg.autotune.steps = 5
+    assert load_choice(str(tmp_path), fingerprint(cfg, world_size=2, dp=2))[1].endswith(": autotune.steps 3 -> 5")
     (tmp_path / "autotune.json").write_text("{")
     saved, why = load_choice(str(tmp_path), fp)
     assert saved is None and "unreadable" in why

@@ -25,6 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.loader import DataConfigError
     from data_pipeline.shards import ShardError
     from data_pipeline.tokenizer import TokenizerError
+    from megatron_tts.autotune import AutotuneError
     from megatron_tts.checkpoint import CheckpointError
     from megatron_tts.config import ConfigError
     from megatron_tts.resume import ResumeError
@@ -32,7 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megatron_tts.train.evaluate import ValidationOverlap
 
     return (ConfigError, DataConfigError, TokenizerError, LayoutError, ShardError, ResumeError, CheckpointError,
-            RunDirLocked, RunDirError, ValidationOverlap)
+            RunDirLocked, RunDirError, ValidationOverlap, AutotuneError)
 
 
 def quiet_imports() -> None:

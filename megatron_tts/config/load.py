@@ -18,7 +18,7 @@ import yaml
 from megatron_tts.compat import batch_p2p_supported
 from megatron_tts.compat.mcore import DistributedDataParallelConfig, OptimizerConfig, TransformerConfig
 from megatron_tts.config.derived import resolve_backend, resolve_dtype
-from megatron_tts.config.schema import Config, ConfigError
+from megatron_tts.config.schema import AUTO_FIELDS, Config, ConfigError, auto_fields, mark_auto
 from megatron_tts.config.validate import validate
 
 _MEGATRON_SECTIONS: dict[tuple[str, str], type] = {
@@ -207,9 +207,36 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     return build_config(raw, source=path or "config")
 
 
+def _take_auto(raw: dict) -> tuple[dict, tuple[str, ...]]:
+    """The AUTO_FIELDS set to 'auto', and a copy of ``raw`` without them: the typed tree holds the
+    field's default as a placeholder (valid for every check) until the start-up sweep resolves it."""
+    found = []
+    for dotted in AUTO_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].strip().lower() == "auto":
+            found.append(dotted)
+    if not found:
+        return raw, ()
+    import copy
+
+    raw = copy.deepcopy(raw)  # the caller's mapping is left as it was
+    for dotted in found:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        del node[leaf]
+    return raw, tuple(found)
+
+
 def build_config(raw: dict, source: str = "config") -> Config:
     problems: list[str] = []
+    raw, auto = _take_auto(raw)
     cfg = _build_section(Config, raw, "", problems)
+    mark_auto(cfg, auto)
     if cfg.model.transformer is None:
         problems.append("model.transformer: missing; give at least num_layers, hidden_size, num_attention_heads")
     validate(cfg, problems)
@@ -298,4 +325,13 @@ def to_dict(obj: Any, owned: dict = None) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The resolved config as a recipe; fields set to 'auto' are written as 'auto' (what the sweep
+    chose is in RUN_DIR/autotune.json), so that a resume reads the same recipe and reuses it."""
+    d = to_dict(cfg)
+    for dotted in auto_fields(cfg):
+        *parents, leaf = dotted.split(".")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = "auto"
+    return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)

@@ -393,6 +393,44 @@ class SamplesConfig:
 
 
 @dataclass
+class AutotuneConfig:
+    """The start-up sweep behind ``train.micro_batch_size=auto`` and ``parallel.ddp.bucket_size=auto``
+    (megatron_tts.autotune); ignored when neither is auto."""
+
+    micro_batch_sizes: Optional[list[int]] = None
+    """Micro-batch candidates; None = 1, 2, 4, 8, 16 (those dividing global_batch_size / dp). The
+    global batch stays fixed: gradient accumulation absorbs the micro-batch size."""
+    bucket_sizes: Optional[list[Any]] = None
+    """DDP bucket candidates, in gradient elements (an int) or megabytes of gradient ('25MB');
+    None = 10M, 40M (megatron-core's default) and 100M elements."""
+    steps: int = 3
+    """Timed training steps per candidate (their median, max over ranks, is its step time)."""
+    warmup_steps: int = 1
+    """Untimed steps per candidate first (allocator, communicators, lazy init)."""
+    budget_s: float = 300.0
+    """Stop starting candidates once the sweep has run this long, and pick among those measured
+    (the first candidate always runs)."""
+    headroom: float = 0.1
+    """Fraction of the memory kept free: a candidate whose peak exceeds (1 - headroom) x the memory
+    available to this rank (GPU: the device's; CPU: RSS + available RAM / local ranks) is rejected,
+    and a larger micro-batch predicted to exceed it is not run."""
+
+
+# Config fields that accept 'auto' (resolved by the start-up sweep, megatron_tts.autotune).
+AUTO_FIELDS = ("train.micro_batch_size", "parallel.ddp.bucket_size")
+_AUTO_ATTR = "_megatron_tts_auto"
+
+
+def auto_fields(cfg: "Config") -> tuple[str, ...]:
+    """The AUTO_FIELDS the recipe or overrides set to 'auto' (the loader records them)."""
+    return getattr(cfg, _AUTO_ATTR, ())
+
+
+def mark_auto(cfg: "Config", fields: tuple[str, ...]) -> None:
+    object.__setattr__(cfg, _AUTO_ATTR, tuple(fields))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The speech LM."""
@@ -422,6 +460,8 @@ class Config:
     """Validation loss on held-out data."""
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     """Audio samples of the model during training."""
+    autotune: AutotuneConfig = field(default_factory=AutotuneConfig)
+    """The start-up sweep that resolves micro_batch_size=auto and ddp.bucket_size=auto."""
 
     # ---- derived facts, computed from the tree (no state of their own) ----
     def dp_for(self, world_size: int) -> int:
@@ -453,4 +493,4 @@ def watchdog_longest(w: WatchdogConfig) -> float:
 __all__ = ["ConfigError", "VocabConfig", "ModelConfig", "ParallelConfig", "TokenizerConfig", "DataConfig",
            "ScheduleConfig", "OptimConfig", "TrainConfig", "GuardConfig", "CheckpointConfig", "LoggingConfig",
            "WatchdogConfig", "MonitoringConfig", "AlertsConfig", "ProfilingConfig", "EvalConfig", "SamplesConfig",
-           "Config", "watchdog_longest"]
+           "AutotuneConfig", "AUTO_FIELDS", "auto_fields", "mark_auto", "Config", "watchdog_longest"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from data_pipeline.layouts import CHAT_LOSS_SEGMENTS, SEGMENTS
 from megatron_tts.config.derived import check_padded_vocab, padded_vocab_size
-from megatron_tts.config.schema import Config, ConfigError, watchdog_longest
+from megatron_tts.config.schema import Config, ConfigError, auto_fields, watchdog_longest
 
 def validate(cfg: Config, problems: list[str]) -> None:
     """Append every problem of the tree (without the world size) to ``problems``."""
@@ -77,6 +77,7 @@ def validate(cfg: Config, problems: list[str]) -> None:
     _validate_watchdog(cfg, problems)
     _validate_checkpoint(cfg, problems)
     _validate_monitoring(cfg, problems)
+    _validate_autotune(cfg, problems)
     g = cfg.guard
     if g.spike_action not in ("log", "skip"):
         problems.append(f"guard.spike_action: '{g.spike_action}' unknown; use log or skip")
@@ -192,6 +193,62 @@ def _validate_watchdog(cfg: Config, problems: list[str]) -> None:
                             f"a hang would surface as an anonymous collective timeout instead of naming the "
                             f"stuck rank; set it >= {math.ceil(need)}, omit it (derived), or lower the watchdog's "
                             f"timeouts")
+
+
+def bucket_elements(value: Any, bytes_per_grad: int = 4) -> int:
+    """An autotune.bucket_sizes entry in gradient elements: an int, or 'NMB' (megabytes of
+    gradient at ``bytes_per_grad`` bytes each). ValueError names the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and value.strip().upper().endswith("MB"):
+        try:
+            mb = float(value.strip()[:-2])
+        except ValueError:
+            mb = -1.0
+        if mb > 0:
+            return max(1, int(mb * 1e6 / bytes_per_grad))
+    raise ValueError(f"{value!r}: give a positive number of gradient elements (40000000) or megabytes ('100MB')")
+
+
+def _validate_autotune(cfg: Config, problems: list[str]) -> None:
+    at, tr = cfg.autotune, cfg.train
+    auto = auto_fields(cfg)
+    if isinstance(at.steps, int) and at.steps < 1:
+        problems.append(f"autotune.steps={at.steps}: must be >= 1 (timed steps per candidate)")
+    if isinstance(at.warmup_steps, int) and at.warmup_steps < 0:
+        problems.append(f"autotune.warmup_steps={at.warmup_steps}: must be >= 0")
+    if isinstance(at.budget_s, (int, float)) and at.budget_s <= 0:
+        problems.append(f"autotune.budget_s={at.budget_s}: must be > 0 seconds")
+    if isinstance(at.headroom, (int, float)) and not 0 <= at.headroom < 1:
+        problems.append(f"autotune.headroom={at.headroom}: a fraction in [0, 1) of the memory kept free, e.g. 0.1")
+    if at.micro_batch_sizes is not None:
+        bad = [m for m in at.micro_batch_sizes if not isinstance(m, int) or isinstance(m, bool) or m < 1]
+        gbs = tr.global_batch_size
+        undivided = [m for m in at.micro_batch_sizes if m not in bad and isinstance(gbs, int) and gbs % m]
+        if not at.micro_batch_sizes:
+            problems.append("autotune.micro_batch_sizes: empty; give candidates or omit it (1, 2, 4, 8, 16)")
+        if bad:
+            problems.append(f"autotune.micro_batch_sizes: {bad} are not positive integers")
+        if undivided:
+            problems.append(f"autotune.micro_batch_sizes: {undivided} do not divide train.global_batch_size={gbs} "
+                            f"(the global batch stays fixed); choose from {_divisors(gbs)}")
+    if at.bucket_sizes is not None:
+        if not at.bucket_sizes:
+            problems.append("autotune.bucket_sizes: empty; give candidates or omit it (10M, 40M, 100M elements)")
+        for v in at.bucket_sizes:
+            try:
+                bucket_elements(v)
+            except ValueError as e:
+                problems.append(f"autotune.bucket_sizes: {e}")
+    if "parallel.ddp.bucket_size" in auto:
+        ddp = cfg.parallel.ddp if isinstance(cfg.parallel.ddp, dict) else {}
+        if not ddp.get("overlap_grad_reduce"):
+            # megatron-core's DDP sets bucket_size=None (one bucket) without overlap_grad_reduce
+            problems.append("parallel.ddp.bucket_size=auto: buckets only exist with parallel.ddp.overlap_grad_reduce="
+                            "true (megatron-core uses one bucket otherwise); set it, or drop bucket_size=auto")
+    if "train.micro_batch_size" in auto and cfg.model.layer_spec == "te":
+        problems.append("train.micro_batch_size=auto: transformer-engine's packed (THD) attention needs "
+                        "micro_batch_size=1, so there is nothing to tune; set train.micro_batch_size=1")
 
 
 def _validate_monitoring(cfg: Config, problems: list[str]) -> None:

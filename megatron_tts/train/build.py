@@ -16,7 +16,7 @@ from data_pipeline.layouts import build_layout
 from data_pipeline.loader import DataConfigError, PackedLoader, SourceSpec
 from data_pipeline.shard_format import codec_identity
 from data_pipeline.tokenizer import build_tokenizer
-from megatron_tts import faults, resume, signals
+from megatron_tts import autotune, faults, resume, signals
 from megatron_tts.checkpoint.checkpointer import Checkpointer
 from megatron_tts.checkpoint.collective import bcast
 from megatron_tts.compat.mcore import (
@@ -26,7 +26,7 @@ from megatron_tts.compat.mcore import (
     model_parallel_cuda_manual_seed,
     parallel_state,
 )
-from megatron_tts.config import Config, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict, vocab_layout
+from megatron_tts.config import Config, auto_fields, dump_yaml, padded_vocab_size, resolve_backend, resolve_dtype, to_dict, vocab_layout
 from megatron_tts.model import build_model_chunks, count_parameters, uses_transformer_engine
 from megatron_tts.optim import build_optimizer, build_scheduler
 from megatron_tts.exit_codes import clear_exit_record
@@ -175,6 +175,9 @@ def build_run(cfg: Config) -> Run:
 
 def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
     clear_exit_record(cfg.train.run_dir, layout.rank)  # a previous incarnation's code must not stand for this one
+    # micro_batch_size=auto / ddp.bucket_size=auto: resolved into cfg before the loader and the
+    # model are built from it (a sweep on throwaway copies, or the run's autotune.json)
+    tuned = autotune.resolve(cfg, layout)
     if uses_transformer_engine(cfg) and cfg.train.micro_batch_size != 1:
         raise RuntimeError("with transformer-engine, packed documents are separated through THD "
                            "packed_seq_params, which need train.micro_batch_size=1 (raise "
@@ -217,7 +220,10 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         for note in plan.notes:
             log.warning("%s", note)
         _save_resolved_config(cfg, layout, num_params)
+    autotune.save(cfg, tuned, layout.rank)
     metrics = _metrics(cfg) if layout.is_logging_rank else None
+    if metrics is not None and tuned is not None:
+        metrics.event(tuned.event())
     monitor = Monitor(cfg, layout, cfg.train.run_dir, metrics, dtype=resolve_dtype(cfg),  # every rank: a collective
                       vocab_size=padded_vocab_size(cfg), profile_requests=signals.profile_requests)
     tcfg = cfg.model.transformer
@@ -269,6 +275,9 @@ def _save_resolved_config(cfg: Config, layout: Layout, num_params: int) -> None:
                f"dp={layout.dp} micro_batches={cfg.num_microbatches(layout.dp)} "
                f"padded_vocab={padded_vocab_size(cfg)} dtype={resolve_dtype(cfg)} "
                f"backend={resolve_backend(cfg)} params={num_params}\n")
+    if auto_fields(cfg):
+        derived += (f"# autotuned ({autotune.FILE}): train.micro_batch_size={cfg.train.micro_batch_size} "
+                    f"parallel.ddp.bucket_size={cfg.parallel.ddp.bucket_size}\n")
     text = derived + dump_yaml(cfg)
     with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
         f.write(text)

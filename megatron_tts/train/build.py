@@ -85,13 +85,16 @@ class Run:
     resume_plan: Optional[resume.ResumePlan] = None
     valid_loader: Any = None  # data.valid_paths, when eval.interval
     lock: Optional[RunLock] = None  # rank 0: the run directory lock
+    outer: Any = None  # megatron_tts.hierarchical.OuterSync with parallel.hierarchical
 
 
-def wrap_ddp(cfg: Config, chunks: list) -> list:
+def wrap_ddp(cfg: Config, chunks: list, groups=None) -> list:
+    """megatron's DDP around each chunk; ``groups`` (a ProcessGroupCollection) replaces the
+    data-parallel group it reduces gradients over (parallel.hierarchical: the inner group)."""
     tcfg = cfg.model.transformer
     ddp_cfg = cfg.parallel.ddp
-    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c,
-                                     disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0),
+                                     pg_collection=groups) for i, c in enumerate(chunks)]
     # megatron's schedules find these hooks on the TransformerConfig (its documented contract).
     tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
@@ -135,15 +138,15 @@ def check_dataset_codec(expected: Optional[dict], actual: dict) -> None:
                               "or fix data.codec")
 
 
-def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[list, Any, int]:
+def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None, ddp_groups=None) -> tuple[list, Any, int]:
     """The DDP-wrapped model chunks of this rank, megatron's optimizer over them, and the global
-    parameter count (a collective over the model-parallel group)."""
+    parameter count (a collective over the model-parallel group). ``ddp_groups``: see wrap_ddp."""
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     chunks = build_model_chunks(cfg)
     num_params = _global_param_count(chunks)
-    model = wrap_ddp(cfg, chunks)
+    model = wrap_ddp(cfg, chunks, ddp_groups)
     return model, build_optimizer(cfg, model), num_params
 
 
@@ -188,18 +191,35 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
 
         valid_loader = build_loader(cfg, layout, cfg.data.valid_paths)
         check_disjoint(valid_loader, loader)
-    model, optimizer, num_params = build_model_and_optimizer(cfg)
+    hierarchy = None
+    if cfg.parallel.hierarchical.enabled:
+        from megatron_tts.hierarchical import build_hierarchy, ddp_process_groups
+
+        hierarchy = build_hierarchy(cfg, parallel_state.get_data_parallel_group())
+    model, optimizer, num_params = build_model_and_optimizer(
+        cfg, ddp_groups=ddp_process_groups(hierarchy) if hierarchy else None)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState()
     guard = StepGuard(cfg.guard)
+    components = {"train": state, "scheduler": scheduler, "loader": loader, "guard": guard}
+    outer = None
+    if hierarchy is not None:
+        from megatron_tts.hierarchical import OuterSync
+
+        outer = components[OuterSync.name] = OuterSync(cfg, hierarchy, optimizer, layout)
+        tcfg = cfg.model.transformer
+        tcfg.finalize_model_grads_func = outer.finalize(tcfg.finalize_model_grads_func)
+        if layout.rank == 0:
+            log.info("parallel.hierarchical: %d node(s) x %d DP rank(s); outer sync every %d applied step(s), %s",
+                     hierarchy.nodes, hierarchy.inner_size, cfg.parallel.hierarchical.outer_interval,
+                     cfg.parallel.hierarchical.outer_optimizer)
     fail = None
     if faults.enabled():
         def fail(rank: int, step: int, attempt: int) -> bool:
             return faults.active("checkpoint_write_error", rank=rank, step=step, attempt=attempt)
     on_commit = (lambda step, path: resume.record_commit(cfg.train.run_dir, step, path)) if layout.rank == 0 else None
     checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
-                                components={"train": state, "scheduler": scheduler, "loader": loader, "guard": guard},
-                                config=cfg.checkpoint, distributed_optimizer=cfg.optim.distributed,
+                                components=components, config=cfg.checkpoint, extension=outer, distributed_optimizer=cfg.optim.distributed,
                                 seed=cfg.train.seed, fail=fail, fingerprint=resume.fingerprint(cfg, loader),
                                 on_commit=on_commit, config_text=dump_yaml(cfg))
     try:
@@ -210,6 +230,8 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         raise
     if cfg.train.init_from:
         _init_from(cfg, layout, model, optimizer, resumed=plan.path is not None)
+        if outer is not None and plan.path is None:
+            outer.reset_anchor()  # the imported weights are the start
     if layout.rank == 0:
         if cfg.train.resume == "never":
             for moved in resume.archive_history(cfg.train.run_dir, cfg.checkpoint_dir):
@@ -226,7 +248,7 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
     return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
                num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock,
-               valid_loader=valid_loader)
+               valid_loader=valid_loader, outer=outer)
 
 
 def _init_from(cfg: Config, layout: Layout, model: list, optimizer, resumed: bool) -> None:

@@ -67,3 +67,23 @@ def test_outer_steps():
     a, m = anchor.clone(), torch.full((2,), 0.5)
     outer_update(a, delta, m, "sgd", 0.5, 0.9)  # heavy ball
     assert torch.allclose(a, anchor - 0.5 * (0.9 * 0.5 + delta))
+
+
+def test_plan_inter_node_bytes():
+    """launch.plan's dp_sync on a hand-made shard: 1,000 bf16 parameters, 16 GPUs of 8 per node,
+    TP=2 -> DP=8 = 2 nodes x 4 DP ranks."""
+    from launch import plan as P
+
+    buf = P.Buffer(chunk=0, param_dtype="bfloat16", grad_dtype="bfloat16", numel=1000, numel_unpadded=1000,
+                   buckets=[1000], param_bytes=2, grad_bytes=2)
+    r = P.RankPlan(rank=0, tp_rank=0, pp_rank=0, dp_rank=0, stage="only", layers=[0], parameters=1000,
+                   embedding_parameters=0, bucket_size=None, buffers=[buf], in_flight=1, memory={}, comm={},
+                   build_s=0.0)
+    cfg = load_config(TINY, ["parallel.tp=2", "parallel.hierarchical.outer_interval=8"])
+    d = P.dp_sync(cfg, r, dp=8, gpus_per_node=8)
+    assert (d["nodes"], d["dp_per_node"], d["inner"], d["enabled"]) == (2, 4, 4, False)
+    # flat: all-reduce of 2,000 bytes of grads, each GPU exchanging its quarter across 2 nodes
+    assert d["flat_inter_node_bytes_per_gpu_per_step"] == int(2 * 1 / 2 * 2000 / 4) == 500
+    # hierarchical: the fp32 delta (4,000 bytes), a quarter per GPU, every 8 steps
+    assert d["hierarchical_inter_node_bytes_per_gpu_per_step"] == int(2 * 1 / 2 * 4000 / 4 / 8) == 125
+    assert d["reduction"] == 4.0

@@ -203,17 +203,33 @@ class OuterSync:
         from megatron_tts.compat.optimizer import copy_main_to_model
 
         o = self.hcfg.outer_optimizer
-        deltas = [a - main.float() for a, (_, main) in zip(self.anchor, self.pairs)]
-        flat = self.mean_over_nodes(torch.cat([d.flatten() for d in deltas]) if deltas else torch.zeros(0))
-        offset = 0
-        for i, (a, (_, main)) in enumerate(zip(self.anchor, self.pairs)):
-            delta = flat[offset:offset + a.numel()].view_as(a)
-            offset += a.numel()
-            outer_update(a, delta, None if self.momentum is None else self.momentum[i], o.kind, o.lr, o.momentum)
-            main.copy_(a)
+        for bucket in self._buckets():
+            flat = self.mean_over_nodes(torch.cat([(self.anchor[i] - self.pairs[i][1].float()).flatten()
+                                                   for i in bucket]))
+            offset = 0
+            for i in bucket:
+                a, main = self.anchor[i], self.pairs[i][1]
+                delta = flat[offset:offset + a.numel()].view_as(a)
+                offset += a.numel()
+                outer_update(a, delta, None if self.momentum is None else self.momentum[i], o.kind, o.lr,
+                             o.momentum)
+                main.copy_(a)
         copy_main_to_model(self.optimizer)
         self.inner_steps = 0
         self.outer_steps += 1
+
+    def _buckets(self, limit: int = 1 << 26):
+        """Indices of the parameters, in runs of at most ``limit`` elements (one larger parameter
+        alone): the sync's transient fp32 copies stay a few x 256 MB, not a few x the shard."""
+        bucket, size = [], 0
+        for i, a in enumerate(self.anchor):
+            if bucket and size + a.numel() > limit:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(i)
+            size += a.numel()
+        if bucket:
+            yield bucket
 
     def mean_over_nodes(self, flat: torch.Tensor) -> torch.Tensor:
         """The mean of ``flat`` over the nodes. The inner ranks hold the same ``flat``: each reduces
@@ -258,9 +274,12 @@ class OuterSync:
         """``sd`` (the model* and optimizer entries) extended with the outer state; on nodes > 0
         with their own model/optimizer state under node keys (loaded instead of node 0's when the
         checkpoint was written under this layout)."""
-        from megatron_tts.compat.mcore import ShardedTensor, ShardedTensorFactory
-        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron_tts.compat.mcore import (
+            ShardedTensor,
+            ShardedTensorFactory,
+            dict_list_map_outplace,
+            make_sharded_optimizer_tensor,
+        )
 
         saved = self._saved(trainer_state) if is_loading else None
         if is_loading:
@@ -300,12 +319,10 @@ class OuterSync:
     def _node_local(self, x):
         """A sharded entry of this node's model/optimizer state under its node key; replicas are
         the node's inner ranks (megatron's replica_id ends with the DP rank)."""
-        from megatron.core.dist_checkpointing.mapping import ShardedBase
+        from megatron_tts.compat.mcore import ShardedBase, parallel_state as ps
 
         if not isinstance(x, ShardedBase):
             return x
-        from megatron_tts.compat.mcore import parallel_state as ps
-
         dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         rid = x.replica_id
         if isinstance(rid, tuple) and rid and rid[-1] == dp_rank:

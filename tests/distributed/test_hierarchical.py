@@ -89,3 +89,20 @@ def test_k4_resumes_exactly_and_skipped_steps_do_not_count(runs):
     node1 = [k for k in a if k.startswith("hierarchical.node1/decoder.")]
     assert node1 and any(not torch.equal(a[k], a[k.split("/", 1)[1]]) for k in node1), \
         "one step after the sync node 1's weights must differ from node 0's (else the test proves nothing)"
+
+
+def test_a_resize_starts_every_node_from_node0(runs, tmp_path):
+    """Elastic resize (4 -> 2 processes: 2 nodes x 1): the nodes' own states do not map onto the
+    new ranks, so every node loads node 0's state and the anchor is reset to it (logged)."""
+    step3 = os.path.join(runs["k4"].run_dir, "checkpoints", "step_00000003")
+    r = pretrain(str(tmp_path / "resized"), SMALL + NODES_2X2 + K4 + ["parallel.hierarchical.inner=1", "train.steps=4",
+                                                                      f"train.resume={step3}"], nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "every node starts from node 0's weights and optimizer state, the outer anchor is reset" in r.output
+    before = checkpoint_tensors(step3)
+    after = checkpoint_tensors(os.path.join(r.run_dir, "checkpoints", "step_00000004"))
+    weights = [k for k in before if k.startswith(("embedding.", "decoder."))]
+    assert weights
+    for k in weights:  # no outer sync since (k=4): the anchor is node 0's weights at the resume
+        assert torch.equal(after[f"hierarchical.anchor.{k}"], before[k]), k
+    assert any(k.startswith("hierarchical.node1/") for k in after)  # the new layout's node 1 saves its own

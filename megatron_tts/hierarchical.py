@@ -186,7 +186,7 @@ class OuterSync:
         return finalize_hierarchical
 
     def after_step(self, applied: bool) -> bool:
-        """Count an applied step (the guard's verdict is global, so every rank counts alike);
+        """Count an applied step (``applied``: the guard's verdict, the same on every rank);
         synchronise when outer_interval of them have passed. True when it synchronised."""
         if not applied:
             return False

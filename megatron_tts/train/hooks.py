@@ -152,7 +152,9 @@ class OuterSyncHook(Hook):
 
     def on_step_end(self, run, end: StepEnd) -> None:
         with run.monitor.span("outer_sync"):
-            run.outer.after_step(end.result.applied)
+            # the guard's verdict, not the optimizer's own `applied`: the verdict follows from the
+            # world-wide statistics, so every node counts the same steps and meets at the sync
+            run.outer.after_step(end.result.verdict.apply)
         if end.logged:
             end.extra.update(run.outer.metrics())
 

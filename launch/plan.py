@@ -176,7 +176,7 @@ def _skeleton(raw: dict) -> Optional[tuple[Any, bool]]:
                   data=DataConfig(seq_len=values["seq_len"])), usable
 
 
-def layout_problems(cfg, gpus: int, vocab_known: bool = True) -> list[str]:
+def layout_problems(cfg, gpus: int, vocab_known: bool = True, gpus_per_node: Optional[int] = None) -> list[str]:
     """Problems of running `cfg` on `gpus` GPUs beyond what loading the config checks: the same
     check training runs at launch (megatron_tts.config.layout_problems). ``vocab_known``: False
     when the recipe's vocabulary section is unusable (its problems are reported by the config)."""
@@ -185,10 +185,10 @@ def layout_problems(cfg, gpus: int, vocab_known: bool = True) -> list[str]:
     if not vocab_known:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab=dataclasses.replace(
             cfg.model.vocab, padded_size=None)))
-    return problems_of(cfg, gpus)
+    return problems_of(cfg, gpus, ranks_per_node=gpus_per_node)
 
 
-def load_plan_config(path: str, overrides: list[str], gpus: int):
+def load_plan_config(path: str, overrides: list[str], gpus: int, gpus_per_node: int = 8):
     """The validated config as the plan builds it; raises PlanError listing every problem."""
     from megatron_tts.config import ConfigError, build_config
 
@@ -209,7 +209,7 @@ def load_plan_config(path: str, overrides: list[str], gpus: int):
     if gpus >= 1:
         skeleton = (cfg, True) if cfg is not None else _skeleton(raw)
         if skeleton is not None:
-            problems += layout_problems(skeleton[0], gpus, vocab_known=skeleton[1])
+            problems += layout_problems(skeleton[0], gpus, vocab_known=skeleton[1], gpus_per_node=gpus_per_node)
     problems = list(dict.fromkeys(problems))  # the batch check is in both the config and the world checks
     if problems:
         raise PlanError(problems)
@@ -289,7 +289,7 @@ class RankPlan:
     buffers: list[Buffer]
     in_flight: int  # micro-batches (chunk forwards with vpp) whose activations are held at the peak
     memory: dict[str, int]  # bytes: weights, grads, optimizer, activations, total
-    comm: dict[str, int]  # bytes this GPU sends per step: dp_grads, dp_params, embedding_sync, tp, pp
+    comm: dict[str, int]  # bytes this GPU sends per step: dp_grads, dp_params, embedding_sync, tp, pp, outer_sync
     build_s: float
 
 
@@ -364,10 +364,11 @@ def _in_flight(pp: int, vpp: Optional[int], pp_rank: int, m: int) -> int:
     return min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1, m * vpp)
 
 
-def estimate_rank(cfg, rank: int, ps, chunks: list, build_s: float = 0.0) -> RankPlan:
+def estimate_rank(cfg, rank: int, ps, chunks: list, build_s: float = 0.0, gpus_per_node: int = 8) -> RankPlan:
     """Memory, buckets and communication of one rank, from its built (meta) chunks and megatron's
     parallel state for it."""
     from megatron_tts.config import padded_vocab_size, resolve_dtype
+    from megatron_tts.config.derived import hierarchical_inner_size
 
     t = cfg.model.transformer
     p = cfg.parallel
@@ -411,13 +412,23 @@ def estimate_rank(cfg, rank: int, ps, chunks: list, build_s: float = 0.0) -> Ran
     if last:  # final norm, LM head input, logits
         activations += b * s * ((8 * h + 4 + a * h) // outside + vocab_local * 6)
     memory = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations}
+    if p.hierarchical.enabled:  # fp32 anchor (+ momentum) of every parameter this rank holds
+        per_param = 4 if p.hierarchical.outer_optimizer.kind == "average" else 8
+        memory["outer_state"] = per_param * sum(x.numel_unpadded for x in buffers)
     memory["total"] = sum(memory.values())
 
     # Bytes one GPU sends per step, ring algorithms: all-reduce 2(n-1)/n, reduce-scatter and
     # all-gather (n-1)/n of the full buffer.
     ring = (dp - 1) / dp
-    comm = {"dp_grads": 0, "dp_params": 0, "embedding_sync": 0, "tp": 0, "pp": 0}
-    if distributed:
+    comm = {"dp_grads": 0, "dp_params": 0, "embedding_sync": 0, "tp": 0, "pp": 0, "outer_sync": 0}
+    hier = p.hierarchical
+    if hier.enabled:  # every step within the inner group; the outer delta (fp32) every k steps
+        inner = hierarchical_inner_size(cfg, gpus_per_node)
+        nodes = dp // inner
+        comm["dp_grads"] = int(2 * (inner - 1) / inner * grads)
+        comm["outer_sync"] = int(2 * (nodes - 1) / nodes * 4 * sum(x.numel for x in buffers) / inner
+                                 / hier.outer_interval)
+    elif distributed:
         comm["dp_grads"] = int(ring * grads)
         comm["dp_params"] = int(ring * sum(x.numel * x.param_bytes for x in buffers))
     else:
@@ -458,7 +469,7 @@ def estimate_rank(cfg, rank: int, ps, chunks: list, build_s: float = 0.0) -> Ran
                     memory=memory, comm=comm, build_s=round(build_s, 3))
 
 
-def plan_rank(cfg, gpus: int, rank: int) -> RankPlan:
+def plan_rank(cfg, gpus: int, rank: int, gpus_per_node: int = 8) -> RankPlan:
     """Build `rank`'s shard of `cfg` on `gpus` GPUs (fake process group, meta device) and estimate
     it. Importable: needs a process without a process group."""
     import torch
@@ -468,7 +479,7 @@ def plan_rank(cfg, gpus: int, rank: int) -> RankPlan:
     t0 = time.perf_counter()
     with fake_world(cfg, gpus, rank) as ps, torch.device("meta"), _quiet():
         chunks = build_model_chunks(cfg, device=torch.device("meta"))
-        return estimate_rank(cfg, rank, ps, chunks, time.perf_counter() - t0)
+        return estimate_rank(cfg, rank, ps, chunks, time.perf_counter() - t0, gpus_per_node)
 
 
 # ------------------------------------------------------------------------------ the whole layout
@@ -494,6 +505,7 @@ class Plan:
     gpu_mem_bytes: int
     mem_fraction: float
     ranks: list[RankPlan]
+    dp_sync: dict = field(default_factory=dict)  # inter-node DP bytes per GPU per step, flat vs hierarchical
     warnings: list[str] = field(default_factory=list)
     over_memory: list[str] = field(default_factory=list)
 
@@ -541,7 +553,8 @@ def plan_layout(cfg, gpus: int, ranks: Optional[list[int]] = None, gpu_mem_gb: f
                 micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
                 micro_batches=m, bubble=(p.pp - 1) / ((p.vpp or 1) * m), padded_vocab=padded_vocab_size(cfg),
                 total_parameters=total_parameters(cfg), gpu_mem_bytes=int(gpu_mem_gb * GB), mem_fraction=mem_fraction,
-                ranks=[plan_rank(cfg, gpus, r) for r in ranks])
+                ranks=[plan_rank(cfg, gpus, r, gpus_per_node) for r in ranks])
+    plan.dp_sync = dp_sync(cfg, plan.ranks[0], dp, gpus_per_node)
     plan.warnings = layout_warnings(cfg, plan, gpus_per_node, bubble_warn)
     budget = mem_fraction * plan.gpu_mem_bytes
     fixes = ["raise parallel.tp (up to the GPUs per node) or parallel.pp"]
@@ -557,6 +570,36 @@ def plan_layout(cfg, gpus: int, ranks: Optional[list[int]] = None, gpu_mem_gb: f
                 f"rank {r.rank} ({r.stage} stage) needs {r.memory['total'] / GB:.1f} GB, over {mem_fraction:.0%} of "
                 f"{gpu_mem_gb:g} GB ({budget / GB:.1f} GB): " + ", ".join(fixes))
     return plan
+
+
+def dp_sync(cfg, r: RankPlan, dp: int, gpus_per_node: int) -> dict:
+    """Bytes one GPU sends across nodes per step for DP, without and with parallel.hierarchical
+    (its outer_interval and inner group; the recipe's values, or the defaults when it is off).
+    Both assume node-aware collectives: the g DP ranks of a node first reduce within it, then each
+    exchanges its 1/g across the N nodes (ring: 2 (N-1)/N of what it exchanges for an all-reduce,
+    (N-1)/N for a reduce-scatter or an all-gather). Flat DP exchanges the gradients every step (and
+    all-gathers the parameters with the distributed optimizer); hierarchical DP exchanges the fp32
+    parameter delta every outer_interval steps."""
+    from megatron_tts.config.derived import hierarchical_inner_size
+
+    h = cfg.parallel.hierarchical
+    per_node = max(1, min(dp, gpus_per_node // cfg.parallel.tp))  # DP ranks of one TP x PP position per node
+    nodes = max(1, dp // per_node)
+    grads = sum(x.numel * x.grad_bytes for x in r.buffers)
+    params = sum(x.numel * x.param_bytes for x in r.buffers)
+    if cfg.optim.distributed:
+        flat = (nodes - 1) / nodes * (grads + params) / per_node
+    else:
+        flat = 2 * (nodes - 1) / nodes * grads / per_node
+    inner = min(dp, hierarchical_inner_size(cfg, gpus_per_node))
+    outer_nodes = max(1, dp // inner)
+    fp32_delta = 4 * sum(x.numel for x in r.buffers)
+    hier = 2 * (outer_nodes - 1) / outer_nodes * fp32_delta / inner / h.outer_interval
+    return {"enabled": bool(h.enabled), "gpus_per_node": gpus_per_node, "nodes": nodes, "dp_per_node": per_node,
+            "inner": inner, "outer_interval": h.outer_interval,
+            "flat_inter_node_bytes_per_gpu_per_step": int(flat),
+            "hierarchical_inter_node_bytes_per_gpu_per_step": int(hier),
+            "reduction": round(flat / hier, 2) if hier else None}
 
 
 def layout_warnings(cfg, plan: Plan, gpus_per_node: int, bubble_warn: float) -> list[str]:
@@ -613,8 +656,9 @@ def render(plan: Plan) -> str:
     add(("memory, GB", *["" for _ in plan.ranks]))
     for key, label in (("weights", "weights"), ("grads", "gradients (DDP buffer)"),
                        ("optimizer", "Adam states" + (f" (/DP {plan.dp})" if plan.distributed_optimizer else "")),
-                       ("activations", "activations")):
-        add((f"  {label}", *[_gb(r.memory[key]) for r in plan.ranks]))
+                       ("activations", "activations"), ("outer_state", "hierarchical anchor + momentum")):
+        if key in plan.ranks[0].memory:
+            add((f"  {label}", *[_gb(r.memory[key]) for r in plan.ranks]))
     add(("  micro-batches in flight", *[str(r.in_flight) for r in plan.ranks]))
     add(("  total", *[f"{_gb(r.memory['total'])} ({r.memory['total'] / plan.gpu_mem_bytes:.0%} of "
                       f"{plan.gpu_mem_bytes / GB:g})" for r in plan.ranks]))
@@ -623,11 +667,19 @@ def render(plan: Plan) -> str:
     for key, label in (("dp_grads", "DP grads " + ("reduce-scatter" if plan.distributed_optimizer else "all-reduce")),
                        ("dp_params", "DP params all-gather"), ("embedding_sync", "embedding grad sync"),
                        ("tp", "TP " + ("all-gather + reduce-scatter" if plan.sequence_parallel else "all-reduce")),
-                       ("pp", "PP p2p")):
+                       ("pp", "PP p2p"), ("outer_sync", "hierarchical outer sync (per step)")):
         add((f"  {label}", *[_gb(r.comm[key]) for r in plan.ranks]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip()
               for row in rows]
+    d = plan.dp_sync
+    if d:
+        lines.append(f"inter-node DP bytes per GPU per step (rank {plan.ranks[0].rank}, {d['nodes']} nodes x "
+                     f"{d['dp_per_node']} DP rank(s)): flat {_gb(d['flat_inter_node_bytes_per_gpu_per_step'])} GB"
+                     f"{' (in use)' if not d['enabled'] else ''}; hierarchical (inner {d['inner']}, outer sync every "
+                     f"{d['outer_interval']} steps) {_gb(d['hierarchical_inter_node_bytes_per_gpu_per_step'])} GB"
+                     f"{' (in use)' if d['enabled'] else ''}"
+                     + (f", {d['reduction']:g}x less" if d['reduction'] else ""))
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += [f"error: {o}" for o in plan.over_memory]
     return "\n".join(lines)
@@ -664,7 +716,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ranks", help="comma-separated ranks to build (default: first rank of the first and last stage)")
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GB (1e9 bytes; default 80)")
     ap.add_argument("--mem-fraction", type=float, default=0.9, help="flag a total above this fraction (default 0.9)")
-    ap.add_argument("--gpus-per-node", type=int, default=8, help="for the TP-across-nodes warning (default 8)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="for the TP-across-nodes warning and the inter-node DP bytes "
+                    "(default 8)")
     ap.add_argument("--bubble-warn", type=float, default=0.2, help="warn above this pipeline bubble (default 0.2)")
     ap.add_argument("--json", help="also write the plan as JSON to this path ('-': stdout, instead of the table)")
     args = ap.parse_intermixed_args(argv)  # overrides may sit between the options
@@ -676,7 +729,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine|absl).*")
     try:
-        cfg = load_plan_config(args.config, args.overrides, args.gpus)
+        cfg = load_plan_config(args.config, args.overrides, args.gpus, args.gpus_per_node)
         plan = plan_layout(cfg, args.gpus, ranks, args.gpu_mem_gb, args.mem_fraction, args.gpus_per_node,
                            args.bubble_warn, config_name=os.path.basename(args.config))
     except PlanError as e:

@@ -403,7 +403,8 @@ class _Batches:
     steps: list
 
 
-def _measure(cfg: Config, layout, cand: Candidate, batches: _Batches, probe) -> tuple[list[float], float, bool, str]:
+def _measure(cfg: Config, layout, cand: Candidate, batches: _Batches, probe,
+             ddp_groups=None) -> tuple[list[float], float, bool, str]:
     """Run the candidate's steps: (per-step times after warmup, real tokens per step, oom, note)."""
     # (imported here: megatron_tts.train.build imports this module)
     from megatron_tts.model import uses_transformer_engine
@@ -418,7 +419,7 @@ def _measure(cfg: Config, layout, cand: Candidate, batches: _Batches, probe) -> 
     times, tokens, oom, note = [], 0.0, False, ""
     model = optimizer = run = None
     try:
-        model, optimizer, _ = build_model_and_optimizer(c)
+        model, optimizer, _ = build_model_and_optimizer(c, ddp_groups=ddp_groups)
         # The run's own step function over a throwaway model: no checkpointer, metrics or hooks.
         run = Run(c, layout, model, optimizer, build_scheduler(c, optimizer), loader=batches.loader,
                   checkpointer=None, metrics=None, guard=StepGuard(c.guard),
@@ -463,8 +464,9 @@ def _first_batches(cfg: Config, layout, mbs: int, n_steps: int) -> _Batches:
         loader.close()
 
 
-def sweep(cfg: Config, layout, probe=None) -> list[Measurement]:
-    """Measure every candidate (same order and verdicts on every rank)."""
+def sweep(cfg: Config, layout, probe=None, ddp_groups=None) -> list[Measurement]:
+    """Measure every candidate (same order and verdicts on every rank). ``ddp_groups``: the
+    groups the run's DDP reduces over (parallel.hierarchical), so the sweep times that all-reduce."""
     at = cfg.autotune
     probe = probe or memory_probe(layout.device)
     cands = candidates(cfg, layout.dp)
@@ -486,7 +488,7 @@ def sweep(cfg: Config, layout, probe=None) -> list[Measurement]:
             batches = _first_batches(cfg, layout, cand.micro_batch_size, at.warmup_steps + at.steps)
         probe.reset()
         limit, base = probe.limit(at.headroom), probe.peak()
-        times, tokens, oom, note = _measure(cfg, layout, cand, batches, probe)
+        times, tokens, oom, note = _measure(cfg, layout, cand, batches, probe, ddp_groups)
         n = at.steps
         local = (times if not oom else [0.0] * n) + [float(probe.peak()), -float(limit), float(oom), tokens,
                                                      float(base)]
@@ -512,7 +514,7 @@ def _report(layout, m: Measurement) -> None:
         log.info("autotune: %s", m.line())
 
 
-def resolve(cfg: Config, layout) -> Optional[Tuned]:
+def resolve(cfg: Config, layout, ddp_groups=None) -> Optional[Tuned]:
     """Resolve the auto fields of ``cfg`` in place (reusing RUN_DIR/autotune.json when it still
     applies, else by a sweep); None when no field is auto. Writes nothing (see ``save``)."""
     if not auto_fields(cfg):
@@ -543,7 +545,7 @@ def resolve(cfg: Config, layout) -> Optional[Tuned]:
                             f"= {cfg.train.global_batch_size} / {layout.dp}; set autotune.micro_batch_sizes to "
                             f"divisors of {cfg.train.global_batch_size // layout.dp}")
     t0 = time.monotonic()
-    measurements = sweep(cfg, layout)
+    measurements = sweep(cfg, layout, ddp_groups=ddp_groups)
     choice, reason = choose(measurements)
     apply(cfg, _agreed(choice, layout))
     tuned = Tuned(choice, reason, measurements, fp, reused=False, elapsed_s=time.monotonic() - t0,

@@ -69,14 +69,20 @@ class Checkpointer(Restoring):
     def __init__(self, root: str, layout, model: list, optimizer, components: dict[str, Stateful], config,
                  distributed_optimizer: bool, seed: int, on_event: Optional[Callable[[dict], None]] = None,
                  fail: Optional[Callable[[int, int, int], bool]] = None, fingerprint: Optional[dict] = None,
-                 on_commit: Optional[Callable[[int, str], None]] = None, config_text: Optional[str] = None) -> None:
+                 on_commit: Optional[Callable[[int, str], None]] = None, config_text: Optional[str] = None,
+                 extension: Optional[Any] = None) -> None:
         """``config``: the CheckpointConfig section. ``fail(rank, step, attempt)``: fault injection
         of a write error (megatron_tts.faults; None when off). ``fingerprint``: what the weights
         mean, saved with every checkpoint (megatron_tts.resume). ``on_commit(step, path)``: rank 0,
         after each commit (the run directory's own record of commits). ``config_text``: the resolved
         recipe, saved as config.yaml in every checkpoint (a checkpoint describes itself: export,
-        generation)."""
+        generation). ``extension``: more sharded state beside the model and optimizer (e.g.
+        megatron_tts.hierarchical.OuterSync): ``name``, ``sharded_state_dict(sd, is_loading,
+        trainer_state) -> sd`` (it may add entries under its name and change the storage keys or
+        replicas of sd's), ``after_load(loaded[name], trainer_state)``; its JSON state is a
+        component of the same name."""
         self.root = root
+        self.extension = extension
         self.layout = layout
         self.model = model
         self.optimizer = optimizer
@@ -141,7 +147,7 @@ class Checkpointer(Restoring):
                 log.exception("could not record checkpoint event %s", record.get("event"))
 
     # ---- sharded state ----
-    def _sharded(self, is_loading: bool) -> dict:
+    def _sharded(self, is_loading: bool, trainer_state: Optional[dict] = None) -> dict:
         if len(self.model) == 1:
             model_sd = {"model": unwrap(self.model[0]).sharded_state_dict()}
         else:
@@ -153,6 +159,8 @@ class Checkpointer(Restoring):
             kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
         sd = dict(model_sd)
         sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+        if self.extension is not None:
+            sd = self.extension.sharded_state_dict(sd, is_loading, trainer_state)
         return sd
 
     # ---- save ----

@@ -160,6 +160,8 @@ class Restoring:
         for name, comp in self.components.items():
             if name in trainer_state["components"] and name not in skip:
                 comp.load_state_dict(trainer_state["components"][name])
+        if self.extension is not None:
+            self.extension.after_load(loaded.get(self.extension.name), trainer_state)
         self._load_rng(path, trainer_state)
         return LoadedCheckpoint(step=trainer_state["step"], path=path, trainer_state=trainer_state)
 
@@ -174,7 +176,7 @@ class Restoring:
                 trainer_state = json.load(f)
             if self.distributed_optimizer:
                 init_optimizer_states(self.optimizer)
-            sharded = self._sharded(is_loading=True)
+            sharded = self._sharded(is_loading=True, trainer_state=trainer_state)
             with dist_ckpt.safe_unpickling() as refusals:
                 try:
                     loaded = dist_checkpointing.load(sharded, path)

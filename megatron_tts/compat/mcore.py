@@ -21,11 +21,14 @@ warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transfo
 # ruff: noqa: E402 - megatron.core must come after the stand-in above
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: F401
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config  # noqa: F401
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace  # noqa: F401
 from megatron.core.dist_checkpointing.mapping import (  # noqa: F401
+    ShardedBase,
     ShardedObject,
     ShardedTensor,
     ShardedTensorFactory,
 )
+from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor  # noqa: F401
 from megatron.core.distributed import param_and_grad_buffer  # noqa: F401 - launch.plan's layout
 from megatron.core.distributed import (  # noqa: F401
     DistributedDataParallel,

@@ -60,3 +60,34 @@ def _torch_optimizers(optimizer):
         inner = getattr(o, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):
             yield inner
+
+
+def _megatron_optimizers(optimizer):
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return list(chained) if chained is not None else [optimizer]
+
+
+def main_model_params(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model parameter, the optimizer's main copy of it) for every parameter this rank updates:
+    the fp32 master copy of a 16-bit parameter (Float16OptimizerWithFloat16Params), the parameter
+    itself otherwise (FP32Optimizer, fp32 parameters). Not the distributed optimizer (its main
+    copies are DP shards)."""
+    pairs = []
+    for o in _megatron_optimizers(optimizer):
+        if isinstance(o, DistributedOptimizer):
+            raise TypeError("main_model_params: the distributed optimizer keeps DP shards of the main params")
+        if hasattr(o, "float16_groups"):
+            for model_group, main_group in zip(o.float16_groups, o.fp32_from_float16_groups):
+                pairs += list(zip(model_group, main_group))
+            pairs += [(p, p) for group in o.fp32_from_fp32_groups for p in group]
+        else:
+            pairs += [(p, p) for group in o.optimizer.param_groups for p in group["params"]]
+    return pairs
+
+
+def copy_main_to_model(optimizer) -> None:
+    """After the main (fp32) params were changed outside optimizer.step(): the model's 16-bit
+    params follow (megatron does this at the end of every step)."""
+    for o in _megatron_optimizers(optimizer):
+        if hasattr(o, "float16_groups"):
+            o._copy_main_params_to_model_params()

@@ -103,3 +103,12 @@ def checkpoint_space_bytes(cfg: Config) -> tuple[int, str]:
     if cfg.checkpoint.keep_every:
         why += f"; checkpoint.keep_every={cfg.checkpoint.keep_every} keeps more over time"
     return need, why
+
+
+def hierarchical_inner_size(cfg: Config, ranks_per_node: int) -> int:
+    """DP ranks per inner group of parallel.hierarchical: an int as given, or 'node' = the DP ranks
+    that share a node (megatron orders ranks TP-fastest, then DP: ranks_per_node / tp of them)."""
+    inner = cfg.parallel.hierarchical.inner
+    if inner == "node":
+        return max(1, ranks_per_node // cfg.parallel.tp)
+    return int(inner)

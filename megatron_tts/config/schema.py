@@ -78,6 +78,32 @@ class ModelConfig:
 
 
 @dataclass
+class OuterOptimizerConfig:
+    kind: str = "nesterov"
+    """The outer step on the averaged parameter delta (anchor - params): 'nesterov' (DiLoCo's
+    Nesterov momentum), 'sgd' (heavy-ball momentum) or 'average' (params = anchor - lr x delta:
+    with lr=1 plain parameter averaging)."""
+    lr: float = 0.7
+    """Outer learning rate (DiLoCo: 0.7 with nesterov; 1.0 with average = plain averaging)."""
+    momentum: float = 0.9
+    """Outer momentum for nesterov/sgd (ignored by average)."""
+
+
+@dataclass
+class HierarchicalConfig:
+    enabled: bool = False
+    """Synchronise gradients within a node every step and parameters across nodes every
+    outer_interval steps (local SGD / DiLoCo). TP and PP are untouched; only DP is split."""
+    inner: Any = "node"
+    """The inner (every-step) DP group: 'node' = the DP ranks on one node (LOCAL_WORLD_SIZE / tp:
+    megatron orders ranks TP-fastest, then DP), or an int: that many consecutive DP ranks."""
+    outer_interval: int = 8
+    """Applied optimizer steps between outer synchronisations (k). Guard-skipped steps do not count."""
+    outer_optimizer: OuterOptimizerConfig = field(default_factory=OuterOptimizerConfig)
+    """How the averaged parameter delta is applied to the anchor."""
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size."""
@@ -98,6 +124,8 @@ class ParallelConfig:
     the watchdog naming the stuck rank, not by an anonymous collective timeout."""
     ddp: Any = None
     """megatron-core DistributedDataParallelConfig fields (bucket_size, overlap_grad_reduce, ...)."""
+    hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
+    """Hierarchical DP: every-step gradient sync within a node, outer parameter sync across nodes."""
 
 
 @dataclass
@@ -490,7 +518,8 @@ def watchdog_longest(w: WatchdogConfig) -> float:
     return max(w.min_timeout_s, w.first_step_timeout_s, w.checkpoint_timeout_s)
 
 
-__all__ = ["ConfigError", "VocabConfig", "ModelConfig", "ParallelConfig", "TokenizerConfig", "DataConfig",
+__all__ = ["ConfigError", "VocabConfig", "ModelConfig", "OuterOptimizerConfig", "HierarchicalConfig",
+           "ParallelConfig", "TokenizerConfig", "DataConfig",
            "ScheduleConfig", "OptimConfig", "TrainConfig", "GuardConfig", "CheckpointConfig", "LoggingConfig",
            "WatchdogConfig", "MonitoringConfig", "AlertsConfig", "ProfilingConfig", "EvalConfig", "SamplesConfig",
            "AutotuneConfig", "AUTO_FIELDS", "auto_fields", "mark_auto", "Config", "watchdog_longest"]

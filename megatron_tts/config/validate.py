@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 from data_pipeline.layouts import CHAT_LOSS_SEGMENTS, SEGMENTS
-from megatron_tts.config.derived import check_padded_vocab, padded_vocab_size
+from megatron_tts.config.derived import check_padded_vocab, hierarchical_inner_size, padded_vocab_size
 from megatron_tts.config.schema import Config, ConfigError, auto_fields, watchdog_longest
 
 def validate(cfg: Config, problems: list[str]) -> None:
@@ -76,6 +76,7 @@ def validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.layer_spec: '{cfg.model.layer_spec}' unknown; use auto, te or local")
     _validate_watchdog(cfg, problems)
     _validate_checkpoint(cfg, problems)
+    _validate_hierarchical(cfg, problems)
     _validate_monitoring(cfg, problems)
     _validate_autotune(cfg, problems)
     g = cfg.guard
@@ -330,9 +331,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layout_problems(cfg: Config, world_size: int) -> list[str]:
+def layout_problems(cfg: Config, world_size: int, ranks_per_node: Optional[int] = None) -> list[str]:
     """Every problem of running ``cfg`` on ``world_size`` processes, beyond what loading the config
-    checks: the one layout check of training (at launch) and of launch.plan."""
+    checks: the one layout check of training (at launch) and of launch.plan. ``ranks_per_node``:
+    processes per node, for parallel.hierarchical.inner=node (None: not checked)."""
     p, tr = cfg.parallel, cfg.train
     problems = []
     mp = p.tp * p.pp
@@ -367,12 +369,62 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
             problems.append(f"interleaved pipelining (parallel.vpp={p.vpp}) needs the micro-batches per step "
                             f"({m}) to be a multiple of parallel.pp={p.pp} (megatron raises otherwise); use "
                             f"train.global_batch_size={below}" + ("" if below == above else f" or {above}"))
+    if dp is not None:
+        problems += _hierarchical_layout_problems(cfg, dp, ranks_per_node)
     return problems
+
+
+def _validate_hierarchical(cfg: Config, problems: list[str]) -> None:
+    h = cfg.parallel.hierarchical
+    if not h.enabled:
+        return
+    where = "parallel.hierarchical"
+    if not (h.inner == "node" or (isinstance(h.inner, int) and not isinstance(h.inner, bool) and h.inner >= 1)):
+        problems.append(f"{where}.inner={h.inner!r}: use 'node' (the DP ranks of one node) or a DP group size >= 1")
+    if not isinstance(h.outer_interval, int) or h.outer_interval < 1:
+        problems.append(f"{where}.outer_interval={h.outer_interval!r}: must be an int >= 1 (applied steps between "
+                        "outer synchronisations)")
+    o = h.outer_optimizer
+    if o.kind not in ("nesterov", "sgd", "average"):
+        problems.append(f"{where}.outer_optimizer.kind: '{o.kind}' unknown; use nesterov, sgd or average")
+    if isinstance(o.lr, (int, float)) and not o.lr > 0:
+        problems.append(f"{where}.outer_optimizer.lr={o.lr}: must be > 0 (1.0 with average = plain averaging)")
+    if isinstance(o.momentum, (int, float)) and not 0 <= o.momentum < 1:
+        problems.append(f"{where}.outer_optimizer.momentum={o.momentum}: must be in [0, 1)")
+    if cfg.optim.distributed:
+        # The distributed optimizer shards its state over the full DP group, while the gradients
+        # are reduced over the inner group only: its shards would mix replicas that diverge.
+        problems.append(f"{where}.enabled=true with optim.distributed=true is not supported (the optimizer "
+                        "shards over the full DP group, which hierarchical sync splits); set "
+                        "optim.distributed=false, or disable parallel.hierarchical")
+
+
+def _hierarchical_layout_problems(cfg: Config, dp: int, ranks_per_node: Optional[int]) -> list[str]:
+    h = cfg.parallel.hierarchical
+    if not h.enabled or not (h.inner == "node" or isinstance(h.inner, int)):
+        return []
+    where = "parallel.hierarchical.inner"
+    if h.inner == "node":
+        if ranks_per_node is None:
+            return []  # known at launch only (LOCAL_WORLD_SIZE)
+        if ranks_per_node % cfg.parallel.tp:
+            return [f"{where}=node: {ranks_per_node} ranks per node is not a multiple of parallel.tp="
+                    f"{cfg.parallel.tp} (TP groups would straddle nodes); give inner as a DP group size"]
+    inner = hierarchical_inner_size(cfg, ranks_per_node or 1)
+    out = []
+    if dp % inner:
+        out.append(f"{where}: {inner} DP ranks per inner group does not divide DP={dp}; use a divisor of {dp} "
+                   f"({_divisors(dp)})")
+    elif dp // inner < 2:
+        out.append(f"{where}: one inner group of {inner} spans all of DP={dp}: there is nothing to synchronise "
+                   "across; disable parallel.hierarchical or use a smaller inner group")
+    return out
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
     """layout_problems as one ConfigError (exit 3 at launch)."""
-    problems = layout_problems(cfg, world_size)
+    lws = os.environ.get("LOCAL_WORLD_SIZE")
+    problems = layout_problems(cfg, world_size, ranks_per_node=int(lws) if lws else world_size)
     if problems:
         raise ConfigError(problems, "launch layout")
 

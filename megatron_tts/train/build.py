@@ -85,13 +85,16 @@ class Run:
     resume_plan: Optional[resume.ResumePlan] = None
     valid_loader: Any = None  # data.valid_paths, when eval.interval
     lock: Optional[RunLock] = None  # rank 0: the run directory lock
+    outer: Any = None  # megatron_tts.hierarchical.OuterSync with parallel.hierarchical
 
 
-def wrap_ddp(cfg: Config, chunks: list) -> list:
+def wrap_ddp(cfg: Config, chunks: list, groups=None) -> list:
+    """megatron's DDP around each chunk; ``groups`` (a ProcessGroupCollection) replaces the
+    data-parallel group it reduces gradients over (parallel.hierarchical: the inner group)."""
     tcfg = cfg.model.transformer
     ddp_cfg = cfg.parallel.ddp
-    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c,
-                                     disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0),
+                                     pg_collection=groups) for i, c in enumerate(chunks)]
     # megatron's schedules find these hooks on the TransformerConfig (its documented contract).
     tcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
@@ -135,15 +138,15 @@ def check_dataset_codec(expected: Optional[dict], actual: dict) -> None:
                               "or fix data.codec")
 
 
-def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None) -> tuple[list, Any, int]:
+def build_model_and_optimizer(cfg: Config, seed: Optional[int] = None, ddp_groups=None) -> tuple[list, Any, int]:
     """The DDP-wrapped model chunks of this rank, megatron's optimizer over them, and the global
-    parameter count (a collective over the model-parallel group)."""
+    parameter count (a collective over the model-parallel group). ``ddp_groups``: see wrap_ddp."""
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     chunks = build_model_chunks(cfg)
     num_params = _global_param_count(chunks)
-    model = wrap_ddp(cfg, chunks)
+    model = wrap_ddp(cfg, chunks, ddp_groups)
     return model, build_optimizer(cfg, model), num_params
 
 
@@ -175,9 +178,16 @@ def build_run(cfg: Config) -> Run:
 
 def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
     clear_exit_record(cfg.train.run_dir, layout.rank)  # a previous incarnation's code must not stand for this one
+    # parallel.hierarchical: DDP reduces over the node's group only (an autotune sweep times that)
+    hierarchy, ddp_groups = None, None
+    if cfg.parallel.hierarchical.enabled:
+        from megatron_tts.hierarchical import build_hierarchy, ddp_process_groups
+
+        hierarchy = build_hierarchy(cfg, parallel_state.get_data_parallel_group())
+        ddp_groups = ddp_process_groups(hierarchy)
     # micro_batch_size=auto / ddp.bucket_size=auto: resolved into cfg before the loader and the
     # model are built from it (a sweep on throwaway copies, or the run's autotune.json)
-    tuned = autotune.resolve(cfg, layout)
+    tuned = autotune.resolve(cfg, layout, ddp_groups)
     if uses_transformer_engine(cfg) and cfg.train.micro_batch_size != 1:
         raise RuntimeError("with transformer-engine, packed documents are separated through THD "
                            "packed_seq_params, which need train.micro_batch_size=1 (raise "
@@ -191,18 +201,29 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
 
         valid_loader = build_loader(cfg, layout, cfg.data.valid_paths)
         check_disjoint(valid_loader, loader)
-    model, optimizer, num_params = build_model_and_optimizer(cfg)
+    model, optimizer, num_params = build_model_and_optimizer(cfg, ddp_groups=ddp_groups)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState()
     guard = StepGuard(cfg.guard)
+    components = {"train": state, "scheduler": scheduler, "loader": loader, "guard": guard}
+    outer = None
+    if hierarchy is not None:
+        from megatron_tts.hierarchical import OuterSync
+
+        outer = components[OuterSync.name] = OuterSync(cfg, hierarchy, optimizer, layout)
+        tcfg = cfg.model.transformer
+        tcfg.finalize_model_grads_func = outer.finalize(tcfg.finalize_model_grads_func)
+        if layout.rank == 0:
+            log.info("parallel.hierarchical: %d node(s) x %d DP rank(s); outer sync every %d applied step(s), %s",
+                     hierarchy.nodes, hierarchy.inner_size, cfg.parallel.hierarchical.outer_interval,
+                     cfg.parallel.hierarchical.outer_optimizer)
     fail = None
     if faults.enabled():
         def fail(rank: int, step: int, attempt: int) -> bool:
             return faults.active("checkpoint_write_error", rank=rank, step=step, attempt=attempt)
     on_commit = (lambda step, path: resume.record_commit(cfg.train.run_dir, step, path)) if layout.rank == 0 else None
     checkpointer = Checkpointer(cfg.checkpoint_dir, layout, model, optimizer,
-                                components={"train": state, "scheduler": scheduler, "loader": loader, "guard": guard},
-                                config=cfg.checkpoint, distributed_optimizer=cfg.optim.distributed,
+                                components=components, config=cfg.checkpoint, extension=outer, distributed_optimizer=cfg.optim.distributed,
                                 seed=cfg.train.seed, fail=fail, fingerprint=resume.fingerprint(cfg, loader),
                                 on_commit=on_commit, config_text=dump_yaml(cfg))
     try:
@@ -213,6 +234,8 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         raise
     if cfg.train.init_from:
         _init_from(cfg, layout, model, optimizer, resumed=plan.path is not None)
+        if outer is not None and plan.path is None:
+            outer.reset_anchor()  # the imported weights are the start
     if layout.rank == 0:
         if cfg.train.resume == "never":
             for moved in resume.archive_history(cfg.train.run_dir, cfg.checkpoint_dir):
@@ -232,7 +255,7 @@ def _build(cfg: Config, layout: Layout, lock: Optional[RunLock]) -> Run:
         checkpointer.on_event = monitor.on_checkpoint_event  # checkpoint, checkpoint_failed (alerts), mirror events
     return Run(cfg, layout, model, optimizer, scheduler, loader, checkpointer, metrics, guard, monitor, state,
                num_params, incarnation=_incarnation() if cfg.logging.ledger else None, resume_plan=plan, lock=lock,
-               valid_loader=valid_loader)
+               valid_loader=valid_loader, outer=outer)
 
 
 def _init_from(cfg: Config, layout: Layout, model: list, optimizer, resumed: bool) -> None:

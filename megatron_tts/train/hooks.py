@@ -146,6 +146,19 @@ class GuardBookkeeping(Hook):
         run.guard.committed()
 
 
+class OuterSyncHook(Hook):
+    """parallel.hierarchical: the outer synchronisation every outer_interval applied steps
+    (megatron_tts.hierarchical), before the step's metrics record and checkpoint."""
+
+    def on_step_end(self, run, end: StepEnd) -> None:
+        with run.monitor.span("outer_sync"):
+            # the guard's verdict, not the optimizer's own `applied`: the verdict follows from the
+            # world-wide statistics, so every node counts the same steps and meets at the sync
+            run.outer.after_step(end.result.verdict.apply)
+        if end.logged:
+            end.extra.update(run.outer.metrics())
+
+
 class Ledger(Hook):
     """logging.ledger: the sample keys each DP rank trained on per step (RUN_DIR/ledger/)."""
 
@@ -270,6 +283,8 @@ def default_hooks(run, saved_step: Optional[int]) -> Hooks:
     if faults.enabled():
         hooks.append(FaultInjection(run.layout.rank))
     hooks.append(GuardBookkeeping())
+    if run.outer is not None:
+        hooks.append(OuterSyncHook())
     if run.valid_loader is not None:
         from megatron_tts.train.evaluate import Evaluation
 

@@ -272,3 +272,13 @@ def test_llasa_8b_on_1024_gpus_through_the_cli(cli_1024):
     assert len([b for x in first["buffers"] for b in x["buckets"]]) > 2
     assert all(len(x["buckets"]) == 1 for x in last["buffers"])
     assert first["memory"]["total"] < 0.9 * 80e9 and plan["over_memory"] == []
+    # parallel.hierarchical (off in the recipe: its defaults inner=node, outer_interval=8): 32 nodes
+    # of one DP rank per TP x PP position (8 GPUs = one TP group). Flat: reduce-scatter of the bf16
+    # grads + all-gather of the bf16 params across the nodes; hierarchical: the fp32 delta every 8.
+    d = plan["dp_sync"]
+    assert (d["enabled"], d["nodes"], d["dp_per_node"], d["inner"], d["outer_interval"]) == (False, 32, 1, 1, 8)
+    numel = sum(x["numel"] for x in first["buffers"])
+    params = sum(x["numel"] * x["param_bytes"] for x in first["buffers"])  # bf16 weights, fp32 norms
+    assert d["flat_inter_node_bytes_per_gpu_per_step"] == int(31 / 32 * (first["memory"]["grads"] + params))
+    assert d["hierarchical_inter_node_bytes_per_gpu_per_step"] == int(2 * 31 / 32 * 4 * numel / 8)
+    assert first["comm"]["outer_sync"] == 0

@@ -67,7 +67,7 @@ def _run(ledger=False):
     cfg = types.SimpleNamespace(logging=types.SimpleNamespace(ledger=ledger), train=types.SimpleNamespace(run_dir="."),
                                 samples=types.SimpleNamespace(interval=0))
     lay = types.SimpleNamespace(rank=0, tp_rank=0, pp_rank=0)
-    return types.SimpleNamespace(cfg=cfg, layout=lay, incarnation=None, valid_loader=None)
+    return types.SimpleNamespace(cfg=cfg, layout=lay, incarnation=None, valid_loader=None, outer=None)
 
 
 def test_fault_injection_is_off_the_hot_path_unless_configured(monkeypatch):

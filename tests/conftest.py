@@ -60,6 +60,7 @@ def s3_server() -> Iterator[S3Server]:
 # ------------------------------------------------------- parallel test workers (pytest-xdist)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into node ids
 def pytest_collection_modifyitems(config, items):
     """With `--dist loadgroup`: each test file runs on one worker (its module fixtures are built
     once), and every file that starts the local Slurm cluster shares one worker (there is one
@@ -68,3 +69,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         file = item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group("slurm" if file in slurm_files else file))
+
+
+def pytest_collection_finish(session):
+    """Refuse to run a worker whose loadgroup marks did not take (pytest and pytest-xdist out of
+    step): the suite would still pass, only rebuilding every module fixture per test, slowly."""
+    config = session.config
+    if hasattr(config, "workerinput") and config.getvalue("loadgroup") and session.items:
+        if not any("@" in item.nodeid for item in session.items):
+            raise pytest.UsageError("pytest-xdist's --dist loadgroup did not group the tests (pytest "
+                                    f"{pytest.__version__}); install the versions pyproject.toml pins: make install")

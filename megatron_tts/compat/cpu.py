@@ -23,7 +23,7 @@ import contextlib
 import logging
 import sys
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -257,3 +257,53 @@ def _patch_rng_tracker() -> None:
     mrandom.initialize_rng_tracker = initialize_rng_tracker
     initialize_rng_tracker(force_reset=True)
     # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, a silent no-op without CUDA.
+
+
+def defer_import_time_costs() -> Callable[[], None]:
+    """While megatron.core imports, two of its module-level statements cost ~2.3 s of CPU in every
+    process that imports it (halving `import megatron.core`):
+
+    - ``megatron.core.jit``: ``jit_fuser = torch.compile``, then ``@jit_fuser`` on its fused
+      bias/activation functions; ``torch.compile(fn)`` imports torch._dynamo and _inductor (~1.7 s)
+      although nothing is compiled until the function is called. Here ``torch.compile`` of a plain
+      function returns a wrapper that calls the real ``torch.compile`` at its first call: the same
+      compiled function, only its import deferred to first use. (A training process imports
+      torch._dynamo anyway when torch.optim builds the optimizer; the CLIs that build none -
+      plan, export, verify, preflight, a refused config - do not.)
+    - ``megatron.core.timers``: ``try: import wandb`` for a timers writer we never pass (~0.7 s):
+      hidden while megatron imports (it takes the ImportError branch), visible again afterwards
+      for our own wandb sink.
+
+    Returns the function that undoes both (call it right after the import)."""
+    import functools
+    import inspect
+
+    real_compile = torch.compile
+
+    def compile_at_first_call(model=None, **kwargs):
+        if model is None:  # @torch.compile(mode=...)
+            return lambda fn: compile_at_first_call(fn, **kwargs)
+        if not inspect.isfunction(model):
+            return real_compile(model, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def run(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return run
+
+    torch.compile = compile_at_first_call
+    hide_wandb = "wandb" not in sys.modules
+    if hide_wandb:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError
+
+    def undo() -> None:
+        torch.compile = real_compile
+        if hide_wandb and "wandb" in sys.modules and sys.modules["wandb"] is None:
+            del sys.modules["wandb"]
+
+    return undo

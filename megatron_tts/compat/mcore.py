@@ -1,7 +1,9 @@
 """The single import point of megatron.core: every other module takes megatron names from here.
 
 Importing this module checks the pinned versions and installs the import-time stand-in for
-triton (sys.modules only) before megatron.core is imported; it patches nothing in torch.
+triton (sys.modules only) before megatron.core is imported, and defers two of megatron's
+import-time costs while it imports (``cpu.defer_import_time_costs``, undone right after); it
+leaves nothing patched in torch.
 ``megatron_tts.compat.activate()`` applies the CPU layer, in a training process only.
 """
 
@@ -10,10 +12,11 @@ from __future__ import annotations
 import warnings
 
 from megatron_tts.compat import check_versions
-from megatron_tts.compat.cpu import prepare_import
+from megatron_tts.compat.cpu import defer_import_time_costs, prepare_import
 
 check_versions()
 prepare_import()
+_undo_deferral = defer_import_time_costs()
 
 # megatron-core warns at import about every optional kernel it falls back from (apex, TE);
 # the training start-up line names the implementations in use instead.
@@ -55,6 +58,8 @@ from megatron.core.transformer.transformer_block import (  # noqa: F401
     get_num_layers_to_build,
 )
 from megatron.core.utils import divide  # noqa: F401
+
+_undo_deferral()
 
 
 def unwrap(model):

@@ -1,5 +1,5 @@
-"""Model in, model out, on real processes: checkpoints trained under TP=2, PP=2 and DP=2 with the
-distributed optimizer export to Hugging Face models whose logits equal the project's model's
+"""Model in, model out, on real processes: checkpoints trained under TP=2, and PP=2 x DP=2 with
+the distributed optimizer, export to Hugging Face models whose logits equal the project's model's
 (fp32, 1e-5); a run started from an HF model has transformers' first-step loss; greedy sampling on
 a checkpoint equals transformers.generate on its export."""
 
@@ -23,8 +23,10 @@ TINY = os.path.join(REPO, "configs", "tiny.yaml")
 BASE = SMALL + ["train.steps=2", "checkpoint.interval=2", "logging.console=false", "train.dtype=fp32"]
 LAYOUTS = {  # name: (processes, overrides)
     "tp2_tied_llama3": (2, ["parallel.tp=2"] + recipe_overrides(tied=True, scaled=True)),
-    "pp2_untied": (2, ["parallel.pp=2"] + recipe_overrides(tied=False, scaled=False)),
-    "dp2_distopt": (2, ["optim.distributed=true"] + recipe_overrides(tied=True, scaled=True)),
+    # PP=2 x DP=2 with the distributed optimizer in one run: its checkpoint holds pipeline stages
+    # and optimizer shards at once (one 4-process run costs less than two 2-process ones)
+    "pp2_dp2_distopt_untied": (4, ["parallel.pp=2", "optim.distributed=true"] + recipe_overrides(tied=False,
+                                                                                                 scaled=False)),
 }
 
 

@@ -138,11 +138,15 @@ def test_the_slow_rank_is_flagged_as_a_straggler_with_its_host(slow_run):
     assert flagged and {(f["rank"], f["host"]) for f in flagged} == {(0, host)}, flagged
     assert all(f["ratio"] > 1.1 and f["windows"] >= 3 for f in flagged)
     alerts = [a for a in events(slow_run, "alert") if a["kind"] == "straggler"]
-    assert len(alerts) == 1 and "rank 0 on " + host in alerts[0]["message"]
+    # one alert per episode: a window in which load noise hid the slow rank ends one, and the
+    # next flagged window starts another (seen on a loaded CI machine)
+    steps = {f["step"] for f in flagged}
+    episodes = [s for s in sorted(steps) if s - 2 not in steps]
+    assert len(alerts) == len(episodes) and all("rank 0 on " + host in a["message"] for a in alerts), (alerts, steps)
     assert "ALERT straggler: rank 0 on " + host in slow_run.output
-    # the alert command got the same record on its stdin
+    # the alert command got the same records on its stdin
     hooked = [json.loads(line) for line in slow_run.alerts_file.read_text().splitlines()]
-    assert alerts[0] in hooked
+    assert all(a in hooked for a in alerts)
 
 
 def torch_windows(r) -> list[tuple[int, int, str]]:

@@ -66,6 +66,27 @@ def test_megatron_imports_without_triton():
     assert ours.returncode == 0 and ours.stdout.strip() == "ok", ours.stderr[-2000:]
 
 
+def test_megatron_import_time_costs_are_deferred():
+    """Bare, `import megatron.core` pulls in torch._dynamo/_inductor (jit_fuser = torch.compile)
+    and wandb (timers); through compat.mcore neither, torch.compile is the real one afterwards,
+    wandb still imports for our own sink, and a jit_fuser'd megatron function computes as before."""
+    probe = "import sys; print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules))"
+    bare = _python("from megatron_tts.compat.cpu import prepare_import; prepare_import()\n"
+                   "import megatron.core\n" + probe)
+    assert bare.returncode == 0 and "torch._dynamo" in bare.stdout and "wandb" in bare.stdout, bare.stderr[-2000:]
+    ours = _python("import os; os.environ['TORCHDYNAMO_DISABLE'] = '1'  # compiled = eager: no C++ build here\n"
+                   "import torch; real = torch.compile\n"
+                   "import megatron_tts.compat.mcore\n" + probe + "\n"
+                   "assert torch.compile is real\n"
+                   "from megatron.core.fusions.fused_bias_swiglu import swiglu\n"
+                   "x = torch.randn(3, 8)\n"
+                   "a, b = torch.chunk(x, 2, -1)\n"
+                   "assert torch.allclose(swiglu(x), torch.nn.functional.silu(a) * b)\n"
+                   "import wandb\nprint('ok')")
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert ours.stdout.split("\n")[:2] == ["[]", "ok"], ours.stdout
+
+
 def test_loading_a_config_has_no_side_effects():
     r = _python("import torch; names = ['current_device', 'synchronize', 'current_stream', 'Stream', 'Event']\n"
                 "before = {n: getattr(torch.cuda, n) for n in names}\n"

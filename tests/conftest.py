@@ -69,27 +69,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         file = item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group("slurm" if file in slurm_files else file))
-    # xdist hands out groups in collection order: the longest first (the Slurm group is several
-    # files on one worker), so that the many short files fill the other workers meanwhile and
-    # the run does not end on one worker's long tail
-    def rank(item) -> int:
-        file = item.nodeid.split("::")[0]
-        if file in slurm_files:
-            return 0
-        return 1 + LONGEST_FIRST.index(file) if file in LONGEST_FIRST else 1 + len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: a file keeps its own order
-
-
-# the files that take minutes on the 2-core machine (make test's --durations), longest first
-LONGEST_FIRST = [
-    "tests/distributed/test_hierarchical.py", "tests/integration/test_elastic.py",
-    "tests/integration/test_checkpoint_faults.py", "tests/distributed/test_resume.py",
-    "tests/integration/test_misuse.py", "tests/integration/test_hf_roundtrip.py",
-    "tests/integration/test_signals.py", "tests/distributed/test_parallel_equivalence.py",
-    "tests/distributed/test_autotune_run.py", "tests/integration/test_monitoring.py",
-    "tests/integration/test_bad_input.py", "tests/integration/test_dashboard.py",
-]
 
 
 def pytest_collection_finish(session):

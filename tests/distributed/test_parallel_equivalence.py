@@ -19,7 +19,8 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),  # 8 micro-batches through 1F1B
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "dp2": (2, []),
-    "dp2_distopt": (2, ["optim.distributed=true"]),
+    # Several DDP buckets, and the very run test_resume resumes (one shared reference run).
+    "dp2_distopt_buckets": (2, ["optim.distributed=true", "parallel.ddp.bucket_size=20000"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
 }
 

@@ -69,7 +69,7 @@ def final_weights(run_dir: str, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_plain_torchrun_kill9_restarts_are_bitwise_invisible(tmp_path):
-    steps = 24
+    steps = 16
     args = SMALL + [f"train.steps={steps}", "checkpoint.interval=2", "checkpoint.keep_last=20",
                     "logging.console=false"]
     ref = pretrain(str(tmp_path / "ref"), args, nproc=2)

@@ -59,8 +59,10 @@ def test_a_rank_stuck_in_a_step_is_named_and_every_rank_exits_75(tmp_path):
         waiting_stacks = f.read()
     assert "finalize_model_grads" in waiting_stacks  # blocked in the gradient all-reduce
     assert "no progress for" in r.output and "last phase 'data' of step 3" in r.output
-    # start-up and two steps, then the window, the grace and the exit: well under a minute
-    assert elapsed < 60, elapsed
+    # start-up and two steps, then the window, the grace and the exit: under a minute when quiet.
+    # The detection itself is bounded above (seconds_since_beat); this only catches a stuck exit,
+    # so it leaves room for a start-up slowed by a loaded machine.
+    assert elapsed < 100, elapsed
 
 
 def test_a_hang_that_holds_the_gil_is_caught_by_the_backstop(tmp_path):

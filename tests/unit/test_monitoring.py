@@ -219,14 +219,14 @@ class AlertsCfg:
 def test_alert_is_a_log_line_an_event_and_runs_a_real_command(tmp_path, caplog):
     out = tmp_path / "alerts.jsonl"
     script = tmp_path / "hook.py"
-    script.write_text("import sys, time\ntime.sleep(0.5)\nopen(sys.argv[1], 'a').write(sys.stdin.read() + '\\n')\n")
+    script.write_text("import sys, time\ntime.sleep(3)\nopen(sys.argv[1], 'a').write(sys.stdin.read() + '\\n')\n")
     events = []
     a = Alerts(AlertsCfg(command=f"{sys.executable} {script} {out}"), emit=events.append)
     with caplog.at_level(logging.ERROR, logger="monitoring.alerts"):
         t0 = time.perf_counter()
         a.alert("straggler", "rank 1 on node7 is 1.4x the median", step=30)
         took = time.perf_counter() - t0
-    assert took < 0.2, took  # the hook (0.5 s) runs off the training thread
+    assert took < 1.5, took  # the hook (3 s) runs off the training thread; the bound leaves room for load
     assert "ALERT straggler: rank 1 on node7 is 1.4x the median" in caplog.text
     assert events[0]["event"] == "alert" and events[0]["kind"] == "straggler" and events[0]["step"] == 30
     a.close()

@@ -189,8 +189,16 @@ class Watchdog:
         record_exit(self.run_dir, self.rank, self.exit_code, why="hang", step=step, phase=phase,
                     seconds_since_beat=info["seconds_since_beat"])
         self.dumped.set()
-        # The exit is scheduled before anything that could block (stderr is a pipe to torchrun).
-        threading.Timer(grace, exit_now, args=(self.exit_code,)).start()
+        # The exit is scheduled before anything that could block (stderr is a pipe to torchrun
+        # that may be full). It waits up to 2 s for the message below: with exit_grace_s=0 a
+        # loaded machine ran the timer first and the process left without a word (seen in CI).
+        said = threading.Event()
+
+        def leave() -> None:
+            said.wait(2.0)
+            exit_now(self.exit_code)
+
+        threading.Timer(grace, leave).start()
         try:
             os.write(2, (f"[r{self.rank}] ERROR megatron_tts.watchdog: no progress for {since:.1f} s "
                          f"(limit {window:.1f} s) on rank {self.rank} ({self.host}), last phase "
@@ -198,6 +206,8 @@ class Watchdog:
                          f"{grace:g} s\n{line}\n").encode())
         except OSError:
             pass
+        finally:
+            said.set()
 
 
 # ------------------------------------------------------------------------------------------

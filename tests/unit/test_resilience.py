@@ -130,6 +130,41 @@ def test_the_watchdog_fires_in_a_real_process(tmp_path):
     assert read_exit_records(str(tmp_path))[4]["why"] == "hang"
 
 
+def test_the_watchdog_exits_even_when_stderr_is_a_full_pipe(tmp_path):
+    """A reader that stopped reading (a wedged log collector) must not keep a hung rank alive:
+    the child fills its own stderr pipe before the hang, so the watchdog's message blocks."""
+    script = textwrap.dedent(f"""
+        import fcntl, os, time
+        from megatron_tts.config import WatchdogConfig
+        from megatron_tts import watchdog
+        flags = fcntl.fcntl(2, fcntl.F_GETFL)
+        fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            while True:
+                os.write(2, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        fcntl.fcntl(2, fcntl.F_SETFL, flags)
+        cfg = WatchdogConfig(min_timeout_s=0.5, first_step_timeout_s=0.5, checkpoint_timeout_s=0.5, exit_grace_s=0)
+        watchdog.start(cfg, {str(tmp_path)!r}, 0)
+        watchdog.beat("data", 3)
+        time.sleep(60)
+    """)
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=w)
+        os.close(w)
+        try:
+            code = p.wait(timeout=45)  # nobody reads r until it has exited
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail("the watchdog's process hung on its full stderr")
+    finally:
+        os.close(r)
+    assert code == EXIT_REQUEUE
+    assert read_exit_records(str(tmp_path))[0]["why"] == "hang"
+
+
 # ---------------------------------------------------------------------------- config
 
 

@@ -69,8 +69,8 @@ def test_kill9_during_saves_never_yields_a_corrupt_load(tmp_path):
     assert stats["trials"] == 14
     assert stats["corrupt"] == 0, out[-3000:]
     # Kills must land inside saves, or the test proves nothing. How many do depends on how the
-    # machine's load moves the saves against their calibration: 8 of 20 on a loaded CI machine,
-    # 10-14 when quiet. bench/ckpt_kill_trials.py --trials 200 measures the fraction.
+    # machine's load moves the saves against their calibration: 8 of 20 in a loaded suite run,
+    # 10 or more of 20 in quiet ones. bench/ckpt_kill_trials.py --trials 200 measures the fraction.
     assert stats["inside"] >= 4, stats
     assert p.returncode == 0
 
